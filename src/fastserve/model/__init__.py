@@ -1,0 +1,18 @@
+"""The Llama-family model: config, network, KV cache and HF-layout checkpoints.
+
+Knows tensors and shapes only: no sampling (fastserve.generate), no scheduling (fastserve.engine).
+"""
+
+from fastserve.model.checkpoint import load_model, save_model
+from fastserve.model.config import ModelConfig, parse_overrides, resolve_config
+from fastserve.model.llama import KVCache, LlamaForCausalLM
+
+__all__ = [
+    "KVCache",
+    "LlamaForCausalLM",
+    "ModelConfig",
+    "load_model",
+    "parse_overrides",
+    "resolve_config",
+    "save_model",
+]
