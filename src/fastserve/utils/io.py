@@ -28,6 +28,13 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _default_mode(is_dir: bool) -> int:
+    """The mode a plain open()/mkdir() would give under the current umask (mkstemp uses 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if is_dir else 0o666) & ~umask
+
+
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
@@ -48,6 +55,7 @@ def atomic_dir(final_path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-", dir=final.parent))
     try:
         yield tmp
+        os.chmod(tmp, _default_mode(is_dir=True))
         _fsync_tree(tmp)
         if final.exists():
             old = final.parent / f"{TMP_PREFIX}{final.name}-old-{os.getpid()}"
@@ -70,6 +78,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+            os.fchmod(f.fileno(), _default_mode(is_dir=False))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
