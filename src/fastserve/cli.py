@@ -207,7 +207,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fastserve.demo import run_demo
 
-    run_demo(args.out, train_seconds=args.train_seconds, device=args.device)
+    run_demo(
+        args.out,
+        train_seconds=args.train_seconds,
+        device=args.device,
+        model=args.model,
+        max_bytes=args.max_bytes,
+    )
     return 0
 
 
@@ -262,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="wall-clock training budget in seconds (240)",
     )
     p.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda")
+    p.add_argument("--model", default="small", help="model preset or config JSON (small)")
+    p.add_argument(
+        "--max-bytes",
+        type=int,
+        default=None,
+        help="read at most this many bytes of the corpus (default: all ~12 MB)",
+    )
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -31,29 +31,31 @@ DEMO_VOCAB_SIZE = 4096
 DEMO_PROMPT = "def "
 
 
-def _prepare(data_dir: Path):
+def _prepare(data_dir: Path, max_bytes: int | None):
     from fastserve.data import ShardMeta, format_report, prepare_data
 
     try:
         meta = ShardMeta.load(data_dir)
-        if meta.vocab_size == DEMO_VOCAB_SIZE:
+        if meta.vocab_size == DEMO_VOCAB_SIZE and meta.stats.get("max_bytes") == max_bytes:
             console.print(f"reusing shards in {data_dir}")
             return meta
     except DataError:
         pass
-    meta = prepare_data(["builtin:stdlib"], data_dir, vocab_size=DEMO_VOCAB_SIZE)
+    meta = prepare_data(
+        ["builtin:stdlib"], data_dir, vocab_size=DEMO_VOCAB_SIZE, max_bytes=max_bytes
+    )
     console.print(format_report(meta))
     return meta
 
 
-def demo_train_config(data_dir: Path, out_dir: Path, device: str) -> TrainConfig:
+def demo_train_config(data_dir: Path, out_dir: Path, device: str, model: str) -> TrainConfig:
     """The demo's training recipe: `small` (~5M params), 256-token windows, bf16 autocast."""
     from fastserve.train import TrainConfig
 
     return TrainConfig(
         data_dir=str(data_dir),
         out_dir=str(out_dir),
-        model="small",
+        model=model,
         batch_size=16,
         block_size=256,
         lr=2e-3,
@@ -69,7 +71,13 @@ def demo_train_config(data_dir: Path, out_dir: Path, device: str) -> TrainConfig
     )
 
 
-def run_demo(out: str | Path, train_seconds: float = 240.0, device: str = "cpu") -> dict:
+def run_demo(
+    out: str | Path,
+    train_seconds: float = 240.0,
+    device: str = "cpu",
+    model: str = "small",
+    max_bytes: int | None = None,
+) -> dict:
     """Run data -> train -> generate under `out`; return the figures it prints."""
     from fastserve.data.tokenizer import Tokenizer
     from fastserve.generate import generate
@@ -80,10 +88,10 @@ def run_demo(out: str | Path, train_seconds: float = 240.0, device: str = "cpu")
     out = Path(out)
     t0 = time.perf_counter()
     console.rule("1/3 data: builtin:stdlib -> tokenizer + shards")
-    meta = _prepare(out / "data")
+    meta = _prepare(out / "data", max_bytes)
 
-    console.rule(f"2/3 train: `small` for ~{train_seconds:.0f} s")
-    cfg = demo_train_config(out / "data", out / "train", device)
+    console.rule(f"2/3 train: `{model}` for ~{train_seconds:.0f} s")
+    cfg = demo_train_config(out / "data", out / "train", device, model)
     steps = steps_for_budget(cfg, meta.vocab_size, train_seconds)
     cfg = dataclasses.replace(cfg, max_steps=steps, max_time_s=train_seconds * 1.25)
     shutil.rmtree(cfg.out_dir, ignore_errors=True)  # a fresh run: figures belong to this run

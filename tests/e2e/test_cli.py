@@ -232,3 +232,18 @@ def test_torchrun_ddp_matches_single_process(shards: Path, tmp_path: Path) -> No
         assert ddp_losses[step] == pytest.approx(loss, rel=1e-5)
     run_info = json.loads((ddp / "run.json").read_text())
     assert run_info["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    """The main job on a slice of builtin:stdlib, the tiny preset, a few seconds of training."""
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--train-seconds", "4", "--model", "tiny"]
+    proc = run_cli(*args, "--max-bytes", "300000")
+    assert "val bits per byte" in proc.stdout and "sample" in proc.stdout
+    assert (out / "train" / "model" / "model.safetensors").exists()
+    meta = json.loads((out / "data" / "meta.json").read_text())
+    assert meta["vocab_size"] == 4096 and meta["stats"]["max_bytes"] == 300000
+    # a second run reuses the shards and starts a fresh training run
+    proc = run_cli(*args, "--max-bytes", "300000")
+    assert "reusing shards" in proc.stdout

@@ -68,7 +68,7 @@ def prepare_data(
     seconds["tokenizer"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    extra = {"tokenizer": origin, "seed": seed, "seconds": dict(seconds)}
+    extra = {"tokenizer": origin, "seed": seed, "max_bytes": max_bytes, "seconds": dict(seconds)}
     meta = write_shards(
         corpus,
         tokenizer,
