@@ -40,6 +40,7 @@ format: setup
 
 bench: setup
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_shakespeare.py --skip-long
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache src/*.egg-info

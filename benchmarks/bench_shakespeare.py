@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench_train import BABY_MODEL  # benchmarks/ is on sys.path when run as a script
 from fastserve.data import TokenShards, prepare_data
 from fastserve.model import load_model
 from fastserve.train import TrainConfig, train
@@ -36,15 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 BASELINE = dict(
     model="tiny",
-    model_overrides=dict(
-        hidden_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        intermediate_size=352,  # SwiGLU's 3 matrices at 2/3 width ~ GPT-2's 4x MLP in parameters
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    ),
+    model_overrides={k: v for k, v in BABY_MODEL.items() if k not in ("preset", "vocab_size")},
     batch_size=12,
     block_size=64,
     max_steps=2000,

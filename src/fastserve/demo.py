@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from fastserve.train import TrainConfig
 
 DEMO_VOCAB_SIZE = 4096
-DEMO_PROMPT = "def "
+DEMO_PROMPT = "def read_config(path):\n"
 
 
 def _prepare(data_dir: Path, max_bytes: int | None):

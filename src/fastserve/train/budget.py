@@ -21,8 +21,8 @@ from fastserve.train.config import TrainConfig
 from fastserve.train.optim import build_optimizer
 
 
-def seconds_per_step(cfg: TrainConfig, vocab_size: int, probe_steps: int = 3) -> float:
-    """Median-free estimate: time of `probe_steps` optimizer steps after one warm-up step."""
+def seconds_per_step(cfg: TrainConfig, vocab_size: int, probe_steps: int = 4) -> float:
+    """Mean time of `probe_steps` optimizer steps after two warm-up steps (allocator, caches)."""
     from fastserve.model import LlamaForCausalLM, resolve_config
 
     config = resolve_config(cfg.model, vocab_size=vocab_size, **cfg.model_overrides)
@@ -46,7 +46,8 @@ def seconds_per_step(cfg: TrainConfig, vocab_size: int, probe_steps: int = 3) ->
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()
+    for _ in range(2):
+        step()
     if device_type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
