@@ -285,9 +285,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except FastServeError as exc:
+        from rich.markup import escape
+
         from fastserve.utils.console import err_console
 
-        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        err_console.print("[bold red]error:[/bold red]", escape(str(exc)))
         return 2
     except KeyboardInterrupt:
         return 130

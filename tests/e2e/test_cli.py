@@ -143,6 +143,8 @@ def test_data_train_generate(shards: Path, tmp_path: Path) -> None:
     "args, needle",
     [
         (["data", "/no/such/path", "--out", "{tmp}/x"], "no such file"),
+        (["data", "hf:some/dataset", "--out", "{tmp}/x"], "fastserve-llm[hf]"),
+        (["data", "{shards}/meta.json", "--out", "{tmp}/x", "--vocab-size", "100"], "259"),
         (["train", "--data", "{tmp}/missing", "--out", "{tmp}/run"], "{tmp}/missing"),
         (["generate", "--model", "{tmp}", "--prompt", "x"], "config.json"),
         (
@@ -185,6 +187,7 @@ def test_user_errors_are_one_clear_line(args, needle, shards: Path, tmp_path: Pa
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert fill(needle) in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1  # one line, whatever the terminal width
     assert not (tmp_path / "x").exists()
 
 
