@@ -89,3 +89,37 @@ def test_init_weights_seeded_and_scaled():
     assert torch.equal(layer.input_layernorm.weight, torch.ones(128))
     biased = LlamaForCausalLM(ModelConfig.preset("tiny", attention_bias=True))
     assert torch.count_nonzero(biased.model.layers[0].self_attn.k_proj.bias) == 0
+
+
+def test_explicit_positions_and_custom_cache_protocol():
+    """A cache object only needs attend/advance; explicit positions place tokens anywhere."""
+    import torch
+
+    from fastserve.model import LlamaForCausalLM, ModelConfig
+    from fastserve.model.llama import attention
+
+    model = LlamaForCausalLM(ModelConfig.preset("tiny", vocab_size=97, num_hidden_layers=2)).eval()
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids)
+
+        class Recorder:  # a contiguous cache written against the protocol alone
+            def __init__(self):
+                self.kv, self.calls = {}, 0
+
+            def attend(self, layer_idx, q, k, v):
+                old_k, old_v = self.kv.get(layer_idx, (k[:, :, :0], v[:, :, :0]))
+                k_all, v_all = torch.cat([old_k, k], 2), torch.cat([old_v, v], 2)
+                self.kv[layer_idx] = (k_all, v_all)
+                return attention(q, k_all, v_all, q_offset=old_k.shape[2])
+
+            def advance(self, n):
+                self.calls += 1
+
+        cache = Recorder()
+        first = model(ids[:, :5], cache, positions=torch.arange(0, 5))
+        rest = model(ids[:, 5:], cache, positions=torch.arange(5, 9))
+    assert cache.calls == 2
+    torch.testing.assert_close(torch.cat([first, rest], 1), full, atol=1e-5, rtol=1e-5)
+    # explicit default positions are the same as none
+    torch.testing.assert_close(model(ids, positions=torch.arange(9)), full)

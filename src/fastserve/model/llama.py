@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -77,11 +78,30 @@ class KVCache:
         self.v[layer_idx][:, :, self.seq_len : end] = v_new
         return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
 
+    def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The AttentionCache protocol: store this forward's K/V, attend over the whole cache."""
+        offset = self.seq_len
+        k_all, v_all = self.update(layer_idx, k, v)
+        return attention(q, k_all, v_all, q_offset=offset)
+
     def advance(self, num_tokens: int) -> None:
         self.seq_len += num_tokens
 
     def reset(self) -> None:
         self.seq_len = 0
+
+
+class AttentionCache(Protocol):
+    """What a layer needs from a KV cache: KVCache here, the engine's paged cache elsewhere."""
+
+    def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Store k, v [B, H_kv, T, D] (rotated) for this layer; return attention output
+        [B, H, T, D] of q over the cached context, causal by position."""
+        ...
+
+    def advance(self, num_tokens: int) -> None:
+        """Called once per forward, after all layers, with T."""
+        ...
 
 
 # ---- math ----------------------------------------------------------------------------------------
@@ -178,17 +198,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, kv_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(q_dim, hidden, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: AttentionCache | None) -> Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        offset = 0
-        if cache is not None:
-            offset = cache.seq_len
-            k, v = cache.update(self.layer_idx, k, v)
-        out = attention(q, k, v, q_offset=offset)
+        if cache is None:
+            out = attention(q, k, v)
+        else:  # the cache stores K/V its own way (contiguous, paged) and attends over them
+            out = cache.attend(self.layer_idx, q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -211,7 +230,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: AttentionCache | None) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -228,7 +247,7 @@ class LlamaModel(nn.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids: Tensor, positions: Tensor, cache: KVCache | None) -> Tensor:
+    def forward(self, input_ids: Tensor, positions: Tensor, cache: AttentionCache | None) -> Tensor:
         x = self.embed_tokens(input_ids)
         # inv_freq is recomputed per forward (a few tiny ops) rather than kept as a buffer, so that
         # model.to(bfloat16) cannot round it and meta-device construction needs no re-init.
@@ -264,14 +283,22 @@ class LlamaForCausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
-    def forward(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor,
+        cache: AttentionCache | None = None,
+        positions: Tensor | None = None,
+    ) -> Tensor:
         """Logits [B, T, V] in float32 for input_ids [B, T].
 
-        Without a cache the tokens sit at positions 0..T-1. With one they continue at
-        cache.seq_len, attend over everything cached, and cache.seq_len advances by T.
+        Without a cache the tokens sit at positions 0..T-1. With a KVCache they continue at
+        cache.seq_len, attend over everything cached, and cache.seq_len advances by T. The serving
+        engine passes its paged cache and explicit `positions` [T] (one row holding the tokens of
+        many requests, each at its own position; the cache knows which token belongs to whom).
         """
-        start = cache.seq_len if cache is not None else 0
-        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        if positions is None:
+            start = cache.seq_len if cache is not None else 0
+            positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         hidden = self.model(input_ids, positions, cache)
         if cache is not None:
             cache.advance(input_ids.shape[1])
