@@ -1,0 +1,124 @@
+"""Offline engine throughput: FastServe's LLM.generate vs HF transformers generate, same prompts.
+
+    python benchmarks/bench_engine.py [--presets small,base] [--num-prompts 64] [--repeats 3]
+
+Workload: --num-prompts prompts of random tokens with mixed lengths (16..256 prompt tokens, 16..128
+output tokens, ignore_eos so every request produces exactly its budget), on a random-initialised
+model of each preset (throughput does not depend on the weights' values). Figures, output
+tokens/s (only the tokens each request asked for count):
+  fastserve      LLM.generate over all prompts (continuous batching, paged KV, mlfq)
+  one-at-a-time  FastServe with max_num_seqs=1 (each request alone)
+  hf-static      transformers generate in static, left-padded batches of --hf-batch prompts;
+                 each batch runs until its longest request is done (what static batching costs)
+Medians over --repeats runs; ratios are to hf-static in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def make_model_dir(preset: str, root: Path) -> Path:
+    from fastserve.data.tokenizer import Tokenizer
+    from fastserve.model import LlamaForCausalLM, ModelConfig, save_model
+
+    texts = [f"line {i} of some text to train a small tokenizer" for i in range(200)]
+    tokenizer = Tokenizer.train(texts, vocab_size=300)
+    vocab = {"small": 4096, "base": 8192}.get(preset, 4096)
+    config = ModelConfig.preset(preset, vocab_size=vocab, max_position_embeddings=512)
+    path = root / preset
+    save_model(LlamaForCausalLM(config), path, tokenizer=tokenizer)
+    return path
+
+
+def workload(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    return [
+        ([rng.randrange(3, vocab) for _ in range(rng.randint(16, 256))], rng.randint(16, 128))
+        for _ in range(n)
+    ]
+
+
+def run_fastserve(path: Path, work, **options) -> float:
+    from fastserve import LLM, SamplingParams
+
+    llm = LLM(str(path), **options)
+    prompts = [p for p, _ in work]
+    params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for _, m in work]
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - t0
+    produced = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert produced == sum(m for _, m in work)
+    return produced / elapsed
+
+
+@torch.no_grad()
+def run_hf(path: Path, work, batch_size: int) -> float:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    useful, t0 = 0, time.perf_counter()
+    for i in range(0, len(work), batch_size):
+        chunk = work[i : i + batch_size]
+        width = max(len(p) for p, _ in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for row, (p, _) in enumerate(chunk):  # left padding, as generate expects
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        longest = max(m for _, m in chunk)
+        model.generate(
+            ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=longest,
+            min_new_tokens=longest,
+            pad_token_id=0,
+        )
+        useful += sum(m for _, m in chunk)
+    return useful / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", default="small,base")
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--hf-batch", type=int, default=16, help="HF static batch size (16)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-single", action="store_true", help="skip the one-at-a-time run")
+    args = ap.parse_args()
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"offline output tokens/s ({torch.get_num_threads()} threads)")
+    for col in ("model", "fastserve", "hf-static", "one-at-a-time", "fastserve / hf"):
+        table.add_column(col, justify="right")
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in args.presets.split(","):
+            path = make_model_dir(preset, Path(tmp))
+            vocab = {"small": 4096, "base": 8192}.get(preset, 4096)
+            work = workload(args.num_prompts, vocab)
+            fs = [run_fastserve(path, work, policy="mlfq") for _ in range(args.repeats)]
+            hf = [run_hf(path, work, args.hf_batch) for _ in range(args.repeats)]
+            one = (
+                [run_fastserve(path, work, policy="fcfs", max_num_seqs=1)]
+                if not args.skip_single
+                else [float("nan")]
+            )
+            print(f"{preset}: fastserve {fs} hf {hf} single {one}")
+            f, h, o = statistics.median(fs), statistics.median(hf), statistics.median(one)
+            table.add_row(preset, f"{f:.0f}", f"{h:.0f}", f"{o:.0f}", f"{f / h:.2f}x")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

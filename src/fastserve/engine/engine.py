@@ -1,0 +1,358 @@
+"""`LLMEngine`: wires scheduler, KV-cache manager, model runner and sampler; owns request state.
+
+    engine = LLMEngine.from_model_dir("runs/small/model", EngineConfig(policy="mlfq"))
+    engine.add_request("r1", "def main(", SamplingParams(max_tokens=32))
+    while engine.has_unfinished_requests():
+        for out in engine.step():          # RequestOutputs of requests that advanced this step
+            print(out.request_id, out.outputs[0].text, out.finished)
+
+One step = schedule -> run -> postprocess (nano-vllm, vLLM v1):
+  1. `Scheduler.schedule()` picks the requests and how many tokens each computes (prefill chunks
+     and decodes share the token budget), plus the KV swaps to do first.
+  2. `ModelRunner.execute()` copies swapped blocks, runs the model with paged attention and returns
+     the logits of the requests whose scheduled tokens reach their end (they sample).
+  3. The sampler picks tokens; the engine appends them, detokenizes, applies stop conditions and
+     tells the scheduler which requests finished (their KV is freed at once).
+A request with n > 1 is fanned out into n child requests (ids `rid#i`, seeds seed + i) that share
+their prompt's KV through the prefix cache; the caller sees one RequestOutput with n outputs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from fastserve.engine.config import EngineConfig, parse_bytes
+from fastserve.engine.detokenizer import IncrementalDetokenizer
+from fastserve.engine.kv_cache import KVCacheManager
+from fastserve.engine.request import (
+    CompletionOutput,
+    Logprob,
+    Request,
+    RequestOutput,
+    RequestStatus,
+    SamplingParams,
+    check_stop,
+)
+from fastserve.engine.runner import ModelRunner, RunnerBatch, RunnerRequest
+from fastserve.engine.sampler import Sampler, SamplingBatch, logprob_dict, token_logprobs
+from fastserve.engine.scheduler import CostModel, Scheduler, SchedulerConfig, SchedulerOutput
+
+
+@dataclass
+class _Group:
+    """The user's request: one prompt, n child sequences."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    children: list[Request]
+    detokenizers: list[IncrementalDetokenizer]
+    texts: list[str]  # emitted text per child (held-back text excluded until it is safe)
+    logprobs: list[list[dict[int, Logprob]] | None]
+    cumulative_logprob: list[float | None]
+    # [None] + one dict per prompt token computed so far (prompt_logprobs only)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(c.is_finished for c in self.children)
+
+    def children_by_id(self, request_id: str) -> Request:
+        return next(c for c in self.children if c.request_id == request_id)
+
+
+@dataclass
+class EngineStats:
+    """Gauges and counters for /metrics and benchmarks."""
+
+    num_running: int  # requests holding device KV
+    num_waiting: int  # queued, never started or preempted (recompute)
+    num_swapped: int  # KV in the host tier
+    kv_usage: float  # fraction of device KV blocks in use
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of which were found
+    num_prompt_tokens: int  # computed prompt tokens, all requests so far
+    num_generation_tokens: int  # sampled tokens, all requests so far
+    num_preemptions: int
+    finished_by_reason: dict[str, int] = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        self.model = model
+        self.tokenizer = tokenizer
+        mc = model.config
+        self.max_model_len = min(
+            config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
+        )
+        bs = config.block_size
+        num_blocks = config.num_kv_blocks or ModelRunner.num_blocks_for_memory(
+            mc, bs, parse_bytes(config.kv_cache_memory), model.dtype
+        )
+        if config.num_host_blocks is not None:
+            num_host = config.num_host_blocks
+        else:
+            swap_bytes = parse_bytes(config.swap_space)
+            num_host = ModelRunner.num_blocks_for_memory(mc, bs, swap_bytes, model.dtype)
+        self.runner = ModelRunner(model, num_blocks, bs, num_host, device=config.device)
+        estimate = self.runner.profile()
+        self.cost = CostModel(estimate.prefill_s_per_token, estimate.decode_s_per_step)
+        self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching, num_host)
+        sched_config = SchedulerConfig(
+            policy=config.policy,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            preemption_mode=config.preemption_mode if num_host > 0 else "recompute",
+            mlfq_num_queues=config.mlfq_num_queues,
+            mlfq_base_quantum_s=config.mlfq_base_quantum_s,
+            starvation_limit_s=config.starvation_limit_s,
+            swap_out_threshold=config.swap_out_threshold,
+        )
+        self.scheduler = Scheduler(sched_config, self.kv, self.cost)
+        self.sampler = Sampler(seed=config.seed, device=self.runner.device)
+        self._groups: dict[str, _Group] = {}
+        self._child_group: dict[str, _Group] = {}
+        self._counters = dict(prompt=0, generation=0)
+        self._finished_by_reason: dict[str, int] = {}
+
+    @classmethod
+    def from_model_dir(cls, path: str, config: EngineConfig | None = None) -> LLMEngine:
+        from fastserve.data.tokenizer import Tokenizer
+        from fastserve.model import load_model
+
+        config = config or EngineConfig()
+        model = load_model(path, device=config.device, dtype=config.dtype)
+        return cls(model, Tokenizer.load(path), config)
+
+    # ---- requests in -------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queue a request. ValueError (naming the problem) if it can never be served; the
+        engine is unaffected."""
+        params = params or SamplingParams()
+        if request_id in self._groups:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        vocab = self.model.config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(ids) > self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens, more than the context "
+                f"(max_model_len={self.max_model_len})"
+            )
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        eos = self.tokenizer.eos_token_id
+        children = [
+            Request(
+                request_id=request_id if params.n == 1 else f"{request_id}#{i}",
+                prompt_token_ids=ids,
+                sampling_params=params.for_child(i),
+                eos_token_id=eos,
+                arrival_time=arrival,
+                priority=priority,
+                prompt=text,
+                parent_id=request_id,
+                index=i,
+            )
+            for i in range(params.n)
+        ]
+        group = _Group(
+            request_id=request_id,
+            prompt=text,
+            prompt_token_ids=ids,
+            params=params,
+            children=children,
+            detokenizers=[IncrementalDetokenizer.from_request(self.tokenizer, c) for c in children],
+            texts=[""] * params.n,
+            logprobs=[[] if params.logprobs is not None else None for _ in children],
+            cumulative_logprob=[0.0 if params.logprobs is not None else None for _ in children],
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+        )
+        for child in children:
+            reason = self.scheduler.add_request(child)
+            if reason is not None:
+                for c in children:
+                    self.scheduler.abort(c.request_id)
+                raise ValueError(reason)
+        self._groups[request_id] = group
+        for child in children:
+            self._child_group[child.request_id] = group
+
+    def abort_request(self, request_id: str) -> None:
+        """Abort a request (all its n sequences); its KV blocks are free when this returns."""
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return
+        for child in group.children:
+            self.scheduler.abort(child.request_id)
+            self._child_group.pop(child.request_id, None)
+        self._count_finished("abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._groups)
+
+    # ---- one step ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; return the RequestOutputs (cumulative) of requests that advanced."""
+        sched = self.scheduler.schedule()
+        touched: dict[str, _Group] = {}
+        for rid, reason in sched.finished.items():  # finished by the scheduler itself
+            group = self._child_group.get(rid)
+            if group is not None:
+                child = group.children_by_id(rid)
+                child.error = child.error or reason
+                touched[group.request_id] = group
+        if sched.scheduled or sched.swap_in or sched.swap_out:
+            self._run(sched, touched)
+        outputs = [self._output(g) for g in touched.values()]
+        for group in touched.values():
+            if group.finished:
+                self._release(group)
+        return outputs
+
+    def _run(self, sched: SchedulerOutput, touched: dict[str, _Group]) -> None:
+        batch = RunnerBatch([], swap_out=sched.swap_out, swap_in=sched.swap_in)
+        for s in sched.scheduled:
+            r = self._child_group[s.request_id].children_by_id(s.request_id)
+            wants_prompt = (
+                r.sampling_params.prompt_logprobs is not None
+                and r.index == 0
+                and r.num_computed_tokens < r.num_prompt_tokens - 1
+            )
+            batch.requests.append(
+                RunnerRequest(
+                    request_id=r.request_id,
+                    token_ids=r.all_token_ids,
+                    num_computed_tokens=r.num_computed_tokens,
+                    num_new_tokens=s.num_new_tokens,
+                    block_table=sched.block_tables[r.request_id],
+                    wants_logits=s.is_prefill_chunk_final,
+                    wants_prompt_logits=wants_prompt,
+                )
+            )
+            if r.num_computed_tokens < r.num_prompt_tokens:
+                self._counters["prompt"] += min(
+                    s.num_new_tokens, r.num_prompt_tokens - r.num_computed_tokens
+                )
+        out = self.runner.execute(batch)
+        for req in batch.requests:
+            if req.request_id in out.prompt_logits:
+                self._collect_prompt_logprobs(req, out.prompt_logits[req.request_id])
+        self.scheduler.update_after_step(sched)
+        if not out.sample_request_ids:
+            return
+        now = time.monotonic()
+        requests = [self._child_group[rid].children_by_id(rid) for rid in out.sample_request_ids]
+        sampled = self.sampler(out.sample_logits, SamplingBatch.from_requests(requests))
+        for i, r in enumerate(requests):
+            group = self._child_group[r.request_id]
+            touched[group.request_id] = group
+            token = sampled.token_ids[i]
+            r.append_output_token(token, now)
+            self._counters["generation"] += 1
+            if sampled.logprobs is not None and sampled.logprobs[i] is not None:
+                row = sampled.logprobs[i]
+                group.logprobs[r.index].append(logprob_dict(row, self._decode_one))
+                group.cumulative_logprob[r.index] += row[0][1]
+            stopped = check_stop(r, self.max_model_len, now)
+            detok = group.detokenizers[r.index]
+            delta = detok.add([token], final=stopped)
+            if not stopped and detok.stop_hit is not None:
+                r.finish(RequestStatus.FINISHED_STOPPED, detok.stop_hit, now)
+                delta += detok.flush()
+                stopped = True
+            group.texts[r.index] += delta
+            if stopped:
+                self.scheduler.finish(r.request_id, r.status)
+
+    def _collect_prompt_logprobs(self, req: RunnerRequest, logits: torch.Tensor) -> None:
+        """Logits row i sits at position computed + i and predicts the token after it."""
+        group = self._child_group[req.request_id]
+        have = len(group.prompt_logprobs)  # positions 0..have-1 done (entry 0 is None)
+        start = req.num_computed_tokens
+        n_prompt = len(group.prompt_token_ids)
+        rows = [i for i in range(logits.shape[0]) if have <= start + i + 1 < n_prompt]
+        if not rows:
+            return
+        targets = torch.tensor([group.prompt_token_ids[start + i + 1] for i in rows])
+        k = group.params.prompt_logprobs
+        for row in token_logprobs(logits[rows], targets, k):
+            group.prompt_logprobs.append(logprob_dict(row, self._decode_one))
+
+    def _decode_one(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _output(self, group: _Group) -> RequestOutput:
+        outputs = []
+        for c in group.children:
+            finish_reason = c.finish_reason
+            stop_reason = c.stop_reason if c.error is None else c.error
+            outputs.append(
+                CompletionOutput(
+                    index=c.index,
+                    text=group.texts[c.index],
+                    token_ids=list(c.output_token_ids),
+                    cumulative_logprob=group.cumulative_logprob[c.index],
+                    logprobs=group.logprobs[c.index],
+                    finish_reason=finish_reason,
+                    stop_reason=stop_reason,
+                )
+            )
+        return RequestOutput(
+            request_id=group.request_id,
+            prompt=group.prompt,
+            prompt_token_ids=group.prompt_token_ids,
+            prompt_logprobs=group.prompt_logprobs,
+            outputs=outputs,
+            finished=group.finished,
+            metrics=group.children[0].metrics,
+        )
+
+    def _release(self, group: _Group) -> None:
+        self._groups.pop(group.request_id, None)
+        for c in group.children:
+            self._child_group.pop(c.request_id, None)
+            self.scheduler.finish(c.request_id, c.status)  # no-op when already released
+            self._count_finished(c.finish_reason or "abort")
+
+    def _count_finished(self, reason: str) -> None:
+        self._finished_by_reason[reason] = self._finished_by_reason.get(reason, 0) + 1
+
+    # ---- introspection -----------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        s, kv = self.scheduler, self.kv
+        return EngineStats(
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            num_swapped=s.num_swapped,
+            kv_usage=kv.usage,
+            prefix_cache_queries=kv.prefix_queries,
+            prefix_cache_hits=kv.prefix_hits,
+            num_prompt_tokens=self._counters["prompt"],
+            num_generation_tokens=self._counters["generation"],
+            num_preemptions=s.num_preemptions,
+            finished_by_reason=dict(self._finished_by_reason),
+        )
+
+    def num_free_blocks(self) -> int:
+        return self.kv.num_free_blocks
