@@ -1,7 +1,7 @@
 """The main job (`make demo`, `fastserve demo`): the loop as far as it exists, on built-in data.
 
     data (builtin:stdlib -> 4096-token BPE -> shards)  ->  train `small` for a wall-clock budget
-      ->  generate a sample  ->  print val bits-per-byte and the sample
+      ->  serve a batch of prompts with the engine  ->  print val bits-per-byte, a sample, tok/s
 
 Everything lands under one directory (default runs/demo): data/, train/ (metrics.jsonl,
 checkpoints/, model/). Shards already there with the same settings are reused; the training run
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 DEMO_VOCAB_SIZE = 4096
 DEMO_PROMPT = "def read_config(path):\n"
+DEMO_BATCH_PROMPTS = ["import", "class", "def", "return", "for", "with", "if", "try"] * 2
 
 
 def _prepare(data_dir: Path, max_bytes: int | None):
@@ -79,9 +80,7 @@ def run_demo(
     max_bytes: int | None = None,
 ) -> dict:
     """Run data -> train -> generate under `out`; return the figures it prints."""
-    from fastserve.data.tokenizer import Tokenizer
-    from fastserve.generate import generate
-    from fastserve.model import load_model
+    from fastserve.engine import LLM, SamplingParams
     from fastserve.train import train
     from fastserve.train.budget import steps_for_budget
 
@@ -98,19 +97,15 @@ def run_demo(
     console.print(f"{steps} steps of {cfg.batch_size} x {cfg.block_size} tokens fit the budget")
     result = train(cfg)
 
-    console.rule("3/3 generate")
-    model = load_model(result.final_dir, device=device)
-    tokenizer = Tokenizer.load(result.final_dir)
-    new_ids = generate(
-        model,
-        tokenizer.encode(DEMO_PROMPT),
-        max_new_tokens=120,
-        temperature=0.8,
-        top_k=50,
-        eos_token_id=tokenizer.eos_token_id,
-        seed=0,
-    )
-    sample = DEMO_PROMPT + tokenizer.decode(new_ids)
+    console.rule("3/3 serve: the engine generates for a batch of prompts")
+    llm = LLM(str(result.final_dir), device=device, kv_cache_memory="256MiB")
+    prompts = [DEMO_PROMPT] + [f"{kw} " for kw in DEMO_BATCH_PROMPTS]
+    params = SamplingParams(max_tokens=120, temperature=0.8, top_k=50, seed=0)
+    t_gen = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    gen_s = time.perf_counter() - t_gen
+    num_generated = sum(len(o.outputs[0].token_ids) for o in outs)
+    sample = DEMO_PROMPT + outs[0].outputs[0].text
     console.print(Panel(sample, title="sample (temperature 0.8, top-k 50)"), markup=False)
 
     figures = {
@@ -119,6 +114,7 @@ def run_demo(
         "val_bpb": result.val_bpb,
         "tokens_per_s": result.tokens_per_s,
         "model_dir": str(result.final_dir),
+        "engine_tokens_per_s": num_generated / gen_s,
         "total_s": time.perf_counter() - t0,
     }
     table = Table(title="demo result")
@@ -128,6 +124,9 @@ def run_demo(
     table.add_row("val loss (nats/token)", f"{result.last_val_loss:.4f}")
     table.add_row("val bits per byte", f"{result.val_bpb:.4f}")
     table.add_row("training tokens/s", f"{result.tokens_per_s:,.0f}")
+    table.add_row(
+        f"engine: {len(prompts)} prompts, output tokens/s", f"{figures['engine_tokens_per_s']:,.0f}"
+    )
     table.add_row("model dir (HF format)", str(result.final_dir))
     table.add_row("wall time", f"{figures['total_s']:.0f} s")
     console.print(table)

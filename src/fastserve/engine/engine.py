@@ -356,3 +356,8 @@ class LLMEngine:
 
     def num_free_blocks(self) -> int:
         return self.kv.num_free_blocks
+
+    @property
+    def num_generation_tokens(self) -> int:
+        """Tokens sampled since the engine started (all requests)."""
+        return self._counters["generation"]

@@ -13,6 +13,7 @@ an output with finish_reason "error" and its message; the other prompts are serv
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Sequence
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -82,11 +83,15 @@ class LLM:
         ) as bar:
             task = bar.add_task("generate", total=len(prompts), tok_s="")
             bar.advance(task, len(results))
+            t0, start = time.perf_counter(), self.engine.num_generation_tokens
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
                     if out.finished and out.request_id in order:
                         results[out.request_id] = out
                         bar.advance(task)
+                produced = self.engine.num_generation_tokens - start
+                rate = produced / max(time.perf_counter() - t0, 1e-9)
+                bar.update(task, tok_s=f"{rate:,.0f} tok/s")
         return [results[rid] for rid in order]
 
 
