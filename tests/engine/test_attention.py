@@ -20,19 +20,22 @@ def test_slot_mapping_hand_computed():
     assert meta.positions.tolist() == [2, 5, 6, 7, 0, 1, 2, 3, 4, 5]
     assert meta.query_start_loc == [0, 1, 4, 10]
     assert meta.num_decodes == 1
-    assert meta.decode_slots.tolist() == [[12, 13, 14]]
-    assert meta.decode_mask.flatten().tolist() == [True, True, True]
-    assert meta.context_slots[0].tolist() == [28, 29, 30, 31, 8, 9, 10, 11]
-    assert meta.context_slots[1] is None  # no cached prefix: attends to the step's own K/V
+    assert meta.decode_blocks.tolist() == [[3]]
+    assert meta.decode_mask.flatten().tolist() == [True, True, True, False]
+    assert meta.context_blocks[0].tolist() == [7, 2]  # positions 0..7: two whole blocks
+    assert meta.context_blocks[1] is None  # no cached prefix: attends to the step's own K/V
 
 
-def test_decode_slots_padded_and_masked():
+def test_decode_blocks_padded_and_masked():
     meta = AttentionMetadata.build([1, 1], [3, 6], [[3], [1, 4]], block_size=4)
-    # row 0 past its table reads the pad block 0 (slots 0, 1); those keys are masked out
-    assert meta.decode_slots.tolist() == [[12, 13, 14, 15, 0, 1], [4, 5, 6, 7, 16, 17]]
-    assert meta.decode_mask[:, 0, 0].tolist() == [[True] * 3 + [False] * 3, [True] * 6]
+    # row 0 past its table reads the pad block 0; those keys are masked out
+    assert meta.decode_blocks.tolist() == [[3, 0], [1, 4]]
+    assert meta.decode_mask[:, 0, 0].tolist() == [
+        [True] * 3 + [False] * 5,
+        [True] * 6 + [False] * 2,
+    ]
     off = AttentionMetadata.build([1, 1], [3, 6], [[3], [1, 4]], 4, batch_decodes=False)
-    assert off.num_decodes == 0 and off.decode_slots is None and len(off.context_slots) == 2
+    assert off.num_decodes == 0 and off.decode_blocks is None and len(off.context_blocks) == 2
 
 
 def test_build_rejects_short_block_table():
