@@ -12,7 +12,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-POLICIES = ("mlfq", "fcfs", "priority")
+from fastserve.engine.scheduler import SchedulerConfig
 
 _UNITS = {
     "": 1,
@@ -80,26 +80,30 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
-        if self.preemption_mode not in ("recompute", "swap"):
-            raise ValueError(
-                f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}"
-            )
+        # the scheduling fields are validated where they are defined (SchedulerConfig)
+        self.scheduler_config(self.max_model_len or self.max_num_batched_tokens)
         parse_bytes(self.kv_cache_memory, "kv_cache_memory")
         parse_bytes(self.swap_space, "swap_space")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "mlfq_num_queues"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("num_kv_blocks", "max_model_len"):
+        for name in ("block_size", "num_kv_blocks", "max_model_len"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.num_host_blocks is not None and self.num_host_blocks < 0:
             raise ValueError(f"num_host_blocks must be >= 0, got {self.num_host_blocks}")
-        if not 0 <= self.swap_out_threshold < 1:
-            raise ValueError(f"swap_out_threshold must be in [0, 1), got {self.swap_out_threshold}")
+
+    def scheduler_config(self, max_model_len: int, swap: bool = True) -> SchedulerConfig:
+        """The scheduler's share of these options; `swap=False` when there is no host tier."""
+        return SchedulerConfig(
+            policy=self.policy,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=max_model_len,
+            preemption_mode=self.preemption_mode if swap else "recompute",
+            mlfq_num_queues=self.mlfq_num_queues,
+            mlfq_base_quantum_s=self.mlfq_base_quantum_s,
+            starvation_limit_s=self.starvation_limit_s,
+            swap_out_threshold=self.swap_out_threshold,
+        )
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:

@@ -38,7 +38,7 @@ from fastserve.engine.request import (
 )
 from fastserve.engine.runner import ModelRunner, RunnerBatch, RunnerRequest
 from fastserve.engine.sampler import Sampler, SamplingBatch, logprob_dict, token_logprobs
-from fastserve.engine.scheduler import CostModel, Scheduler, SchedulerConfig, SchedulerOutput
+from fastserve.engine.scheduler import CostModel, Scheduler, SchedulerOutput
 
 
 @dataclass
@@ -103,17 +103,7 @@ class LLMEngine:
         estimate = self.runner.profile()
         self.cost = CostModel(estimate.prefill_s_per_token, estimate.decode_s_per_step)
         self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching, num_host)
-        sched_config = SchedulerConfig(
-            policy=config.policy,
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=self.max_model_len,
-            preemption_mode=config.preemption_mode if num_host > 0 else "recompute",
-            mlfq_num_queues=config.mlfq_num_queues,
-            mlfq_base_quantum_s=config.mlfq_base_quantum_s,
-            starvation_limit_s=config.starvation_limit_s,
-            swap_out_threshold=config.swap_out_threshold,
-        )
+        sched_config = config.scheduler_config(self.max_model_len, swap=num_host > 0)
         self.scheduler = Scheduler(sched_config, self.kv, self.cost)
         self.sampler = Sampler(seed=config.seed, device=self.runner.device)
         self._groups: dict[str, _Group] = {}
