@@ -10,7 +10,9 @@ tokens/s (only the tokens each request asked for count):
   one-at-a-time  FastServe with max_num_seqs=1 (each request alone)
   hf-static      transformers generate in static, left-padded batches of --hf-batch prompts;
                  each batch runs until its longest request is done (what static batching costs)
-Medians over --repeats runs; ratios are to hf-static in the same run.
+Medians over --repeats runs; ratios are to hf-static in the same run. "KV live": the share of
+reserved KV token slots that hold live tokens, averaged over the steps of one run (paging wastes
+at most one partly filled block per request).
 """
 
 from __future__ import annotations
@@ -87,6 +89,29 @@ def run_hf(path: Path, work, batch_size: int) -> float:
     return useful / (time.perf_counter() - t0)
 
 
+def kv_utilization(path: Path, work) -> tuple[float, float]:
+    """Step the engine by hand over the workload; at every step compare the KV token slots that
+    hold live tokens (each running request's computed tokens) with the slots reserved for them
+    (its blocks x block_size). Returns (mean over steps, minimum) of live / reserved."""
+    from fastserve.engine import EngineConfig, LLMEngine, SamplingParams
+
+    engine = LLMEngine.from_model_dir(str(path), EngineConfig(policy="mlfq"))
+    for i, (prompt, m) in enumerate(work):
+        engine.add_request(f"k{i}", prompt, SamplingParams(max_tokens=m, ignore_eos=True))
+    kv, ratios = engine.kv, []
+    while engine.has_unfinished_requests():
+        engine.step()
+        live = reserved = 0
+        for rid, table in kv.tables.items():
+            request = engine.scheduler.requests.get(rid)
+            if request is not None and table:
+                live += request.num_computed_tokens
+                reserved += len(table) * kv.block_size
+        if reserved:
+            ratios.append(live / reserved)
+    return statistics.fmean(ratios), min(ratios)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", default="small,base")
@@ -100,7 +125,7 @@ def main() -> None:
     from rich.table import Table
 
     table = Table(title=f"offline output tokens/s ({torch.get_num_threads()} threads)")
-    for col in ("model", "fastserve", "hf-static", "one-at-a-time", "fastserve / hf"):
+    for col in ("model", "fastserve", "hf-static", "one-at-a-time", "fastserve / hf", "KV live"):
         table.add_column(col, justify="right")
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets.split(","):
@@ -114,9 +139,17 @@ def main() -> None:
                 if not args.skip_single
                 else [float("nan")]
             )
-            print(f"{preset}: fastserve {fs} hf {hf} single {one}")
+            live_mean, live_min = kv_utilization(path, work)
+            print(f"{preset}: fastserve {fs} hf {hf} single {one} kv live {live_mean} {live_min}")
             f, h, o = statistics.median(fs), statistics.median(hf), statistics.median(one)
-            table.add_row(preset, f"{f:.0f}", f"{h:.0f}", f"{o:.0f}", f"{f / h:.2f}x")
+            table.add_row(
+                preset,
+                f"{f:.0f}",
+                f"{h:.0f}",
+                f"{o:.0f}",
+                f"{f / h:.2f}x",
+                f"{live_mean:.1%} (min {live_min:.1%})",
+            )
     Console().print(table)
 
 
