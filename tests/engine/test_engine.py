@@ -189,6 +189,8 @@ def test_text_prompts_stop_strings_and_metrics(tiny_model_dir):
         assert stopped.text == full[: full.index(stop)]
     m = out.metrics
     assert m.ttft_s is not None and m.e2e_s >= m.ttft_s >= 0
+    assert m.queue_s is not None and 0 <= m.queue_s <= m.ttft_s
+    assert len(m.itl_s) == len(out.outputs[0].token_ids) - 1 and min(m.itl_s) >= 0
 
 
 @pytest.mark.parametrize("budget", [512, 7])  # one chunk, and prefill chunks of 7 tokens

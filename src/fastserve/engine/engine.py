@@ -221,8 +221,11 @@ class LLMEngine:
 
     def _run(self, sched: SchedulerOutput, touched: dict[str, _Group]) -> None:
         batch = RunnerBatch([], swap_out=sched.swap_out, swap_in=sched.swap_in)
+        scheduled_at = time.monotonic()
         for s in sched.scheduled:
             r = self._child_group[s.request_id].children_by_id(s.request_id)
+            if r.metrics.first_scheduled_time is None:  # queue time ends here
+                r.metrics.first_scheduled_time = scheduled_at
             wants_prompt = (
                 r.sampling_params.prompt_logprobs is not None
                 and r.index == 0
