@@ -48,10 +48,11 @@ def capacity_rps(path: Path, jobs, max_num_seqs: int) -> float:
     return len(jobs) / (time.perf_counter() - t0)
 
 
-def run_online(path: Path, jobs, arrivals: list[float], policy: str, max_num_seqs: int) -> dict:
-    engine = LLMEngine.from_model_dir(
-        str(path), EngineConfig(policy=policy, max_num_seqs=max_num_seqs)
-    )
+def run_online(
+    path: Path, jobs, arrivals: list[float], policy: str, max_num_seqs: int, starvation_s: float
+) -> dict:
+    config = EngineConfig(policy=policy, max_num_seqs=max_num_seqs, starvation_limit_s=starvation_s)
+    engine = LLMEngine.from_model_dir(str(path), config)
     t0 = time.monotonic()
     next_job, jct, ttft = 0, {}, {}
     while next_job < len(jobs) or engine.has_unfinished_requests():
@@ -88,6 +89,12 @@ def main() -> None:
     ap.add_argument("--load", type=float, default=0.85, help="arrival rate / measured capacity")
     ap.add_argument("--max-num-seqs", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--starvation-limit-s",
+        type=float,
+        default=5.0,
+        help="MLFQ: promote a request to the top queue after waiting this long (5.0)",
+    )
     ap.add_argument("--out", default=str(Path(__file__).parent / "out" / "sched"))
     args = ap.parse_args()
 
@@ -105,7 +112,9 @@ def main() -> None:
             t += rng.expovariate(rate)
             arrivals.append(t)
         results = {
-            policy: run_online(path, jobs, arrivals, policy, args.max_num_seqs)
+            policy: run_online(
+                path, jobs, arrivals, policy, args.max_num_seqs, args.starvation_limit_s
+            )
             for policy in ("fcfs", "mlfq")
         }
     lengths = sorted(o for _, o in jobs)
