@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
-from fastserve.model import LlamaForCausalLM, ModelConfig
-from fastserve.train.optim import build_optimizer
+from fastserve.model import LlamaForCausalLM, ModelConfig, resolve_config
+from fastserve.train import TrainConfig
+from fastserve.train.budget import seconds_per_step
 
 # nanoGPT's CPU "baby" Shakespeare shape as a Llama: 4 layers, 4 heads, 128 dim, context 64, a byte
 # vocabulary; SwiGLU's 3 matrices at 352 wide ~ GPT-2's 2 matrices at 4x in parameters.
@@ -42,44 +42,33 @@ SHAPES = {
 }
 
 
-def _make_model(spec: dict) -> LlamaForCausalLM:
-    spec = dict(spec)
-    config = ModelConfig.preset(spec.pop("preset"), **spec)
-    model = LlamaForCausalLM(config)
-    model.init_weights(seed=0)
-    return model
+def _train_config(spec: dict, block: int, batch: int, dtype: str) -> TrainConfig:
+    overrides = {k: v for k, v in spec.items() if k not in ("preset", "vocab_size")}
+    return TrainConfig(
+        data_dir="-",  # not read: the step is timed on random tokens
+        out_dir="-",
+        model=spec["preset"],
+        model_overrides=overrides,
+        batch_size=batch,
+        block_size=block,
+        lr=1e-3,
+        weight_decay=0.1,
+        beta2=0.95,
+        grad_clip=1.0,
+        dtype=dtype,
+        seed=0,
+    )
 
 
-def time_steps(
-    spec: dict, block: int, batch: int, dtype: str, steps: int, warmup: int = 3
-) -> float:
-    """Return tokens/s over `steps` optimizer steps after `warmup` untimed ones."""
-    model = _make_model(spec)
-    model.train()
-    opt = build_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device="cpu")
-    vocab = model.config.vocab_size
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, vocab, (batch, block + 1), generator=gen)
-    inputs, targets = x[:, :-1], x[:, 1:]
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+def _vocab(spec: dict) -> int:
+    return spec.get("vocab_size") or ModelConfig.preset(spec["preset"]).vocab_size
 
-    def step() -> None:
-        with autocast:
-            logits = model(inputs)
-        loss = torch.nn.functional.cross_entropy(
-            logits.float().view(-1, vocab), targets.reshape(-1)
-        )
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return steps * batch * block / (time.perf_counter() - t0)
+def time_steps(spec: dict, block: int, batch: int, dtype: str, steps: int) -> float:
+    """Return tokens/s over `steps` optimizer steps after 3 untimed ones."""
+    cfg = _train_config(spec, block, batch, dtype)
+    step_s = seconds_per_step(cfg, _vocab(spec), probe_steps=steps, warmup_steps=3)
+    return batch * block / step_s
 
 
 def main() -> None:
@@ -99,7 +88,9 @@ def main() -> None:
         table.add_column(col, justify="right")
     for name in args.shapes.split(","):
         spec, block, batch = SHAPES[name]
-        num_params = _make_model(spec).num_parameters()
+        cfg = _train_config(spec, block, batch, "float32")
+        model_config = resolve_config(cfg.model, vocab_size=_vocab(spec), **cfg.model_overrides)
+        num_params = LlamaForCausalLM(model_config).num_parameters()
         med = {}
         for dtype in ("float32", "bfloat16"):
             runs = [time_steps(spec, block, batch, dtype, args.steps) for _ in range(args.repeats)]

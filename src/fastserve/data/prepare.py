@@ -10,6 +10,7 @@ times them; what each step does lives in corpus.py, tokenizer.py and shards.py.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -41,16 +42,18 @@ def prepare_data(
     The tokenizer is trained on the train split only (val stays unseen) unless `tokenizer_path`
     names a tokenizer.json or a model dir to reuse, in which case `vocab_size` is ignored.
     """
-    console = None
-    if progress:
-        from fastserve.utils.console import err_console as console
+
+    def status(message: str):
+        if not progress:
+            return contextlib.nullcontext()
+        from fastserve.utils.console import err_console
+
+        return err_console.status(message)
+
     seconds: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    if console:
-        with console.status("reading corpus"):
-            corpus = load_corpus(sources, include, text_field, val_fraction, split, seed, max_bytes)
-    else:
+    with status("reading corpus"):
         corpus = load_corpus(sources, include, text_field, val_fraction, split, seed, max_bytes)
     seconds["corpus"] = time.perf_counter() - t0
 
@@ -59,10 +62,7 @@ def prepare_data(
         tokenizer = Tokenizer.load(tokenizer_path)
         origin = {"loaded_from": str(tokenizer_path)}
     else:
-        if console:
-            with console.status(f"training a {vocab_size}-token BPE tokenizer"):
-                tokenizer = Tokenizer.train(corpus.train, vocab_size, min_frequency)
-        else:
+        with status(f"training a {vocab_size}-token BPE tokenizer"):
             tokenizer = Tokenizer.train(corpus.train, vocab_size, min_frequency)
         origin = {"trained": True, "vocab_size_requested": vocab_size}
     seconds["tokenizer"] = time.perf_counter() - t0

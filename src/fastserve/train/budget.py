@@ -21,8 +21,11 @@ from fastserve.train.config import TrainConfig
 from fastserve.train.optim import build_optimizer
 
 
-def seconds_per_step(cfg: TrainConfig, vocab_size: int, probe_steps: int = 4) -> float:
-    """Mean time of `probe_steps` optimizer steps after two warm-up steps (allocator, caches)."""
+def seconds_per_step(
+    cfg: TrainConfig, vocab_size: int, probe_steps: int = 4, warmup_steps: int = 2
+) -> float:
+    """Mean time of `probe_steps` optimizer steps (forward, backward, clipping, AdamW) on random
+    tokens after `warmup_steps` untimed ones (allocator, caches)."""
     from fastserve.model import LlamaForCausalLM, resolve_config
 
     config = resolve_config(cfg.model, vocab_size=vocab_size, **cfg.model_overrides)
@@ -43,10 +46,12 @@ def seconds_per_step(cfg: TrainConfig, vocab_size: int, probe_steps: int = 4) ->
             with autocast:
                 logits = model(x)
             F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(2):
+    for _ in range(warmup_steps):
         step()
     if device_type == "cuda":
         torch.cuda.synchronize()
