@@ -27,14 +27,16 @@ from pathlib import Path
 import torch
 
 
-def make_model_dir(preset: str, root: Path) -> Path:
+def make_model_dir(preset: str, root: Path, max_position_embeddings: int = 512) -> Path:
     from fastserve.data.tokenizer import Tokenizer
     from fastserve.model import LlamaForCausalLM, ModelConfig, save_model
 
     texts = [f"line {i} of some text to train a small tokenizer" for i in range(200)]
     tokenizer = Tokenizer.train(texts, vocab_size=300)
     vocab = {"small": 4096, "base": 8192}.get(preset, 4096)
-    config = ModelConfig.preset(preset, vocab_size=vocab, max_position_embeddings=512)
+    config = ModelConfig.preset(
+        preset, vocab_size=vocab, max_position_embeddings=max_position_embeddings
+    )
     path = root / preset
     save_model(LlamaForCausalLM(config), path, tokenizer=tokenizer)
     return path
