@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet -c constraints.txt -e ".[dev]"
 	$(PY) -c "import torch, fastserve; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	$(PY) -c "from fastserve.engine import paged_kernel as k; assert k.available(), 'kernel build failed'"
 	touch $(STAMP)
 
 demo: setup

@@ -63,10 +63,15 @@ def _case(dtype: torch.dtype, seed: int = 0):
     return caches, shapes, tables, bs, q, k, v
 
 
-def _run(caches, shapes, tables, bs, q, k, v, batch_decodes):
+def _run(caches, shapes, tables, bs, q, k, v, batch_decodes, fused=False):
     kc, vc = caches[0].clone(), caches[1].clone()
     meta = AttentionMetadata.build(
-        [n for _, n in shapes], [c + n for c, n in shapes], tables, bs, batch_decodes=batch_decodes
+        [n for _, n in shapes],
+        [c + n for c, n in shapes],
+        tables,
+        bs,
+        batch_decodes=batch_decodes,
+        fused_decode=fused,
     )
     out = PagedAttention([kc], [vc], meta).attend(0, q, k, v)
     return out, kc, vc, meta
@@ -94,12 +99,15 @@ def test_paged_attention_matches_naive_reference(dtype, atol):
     ref = _reference(*case)
     batched, kc, vc, meta = _run(*case, batch_decodes=True)
     single, _, _, _ = _run(*case, batch_decodes=False)
-    assert meta.num_decodes == 3
+    fused, _, _, fmeta = _run(*case, batch_decodes=True, fused=True)
+    assert meta.num_decodes == 3 and fmeta.fused_decode and not meta.fused_decode
     assert (batched[0].double() - ref).abs().max().item() < atol
     assert (single[0].double() - ref).abs().max().item() < atol
-    # the batched decode path is the per-request path, up to float rounding
+    assert (fused[0].double() - ref).abs().max().item() < atol
+    # the batched decode paths are the per-request path, up to float rounding
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     assert (batched.float() - single.float()).abs().max().item() < tol
+    assert (fused.float() - single.float()).abs().max().item() < tol
     # the step's K/V landed at slot_mapping, nothing else changed
     k, v = case[5], case[6]
     flat_k, flat_v = kc.view(-1, 2, 8), vc.view(-1, 2, 8)

@@ -55,9 +55,16 @@ class _Sim:
         self.tokens[rid].append(self.rng.randrange(self.runner.config.vocab_size))
 
 
-def _run_steps(model, batch_decodes: bool, seed: int = 0, check=None):
+def _run_steps(model, batch_decodes: bool, seed: int = 0, check=None, fused: bool = True):
     """Four requests (one joins late), chunked prefill then decodes; `check` sees every step."""
-    runner = ModelRunner(model, num_blocks=48, block_size=BLOCK_SIZE, batch_decodes=batch_decodes)
+    runner = ModelRunner(
+        model,
+        num_blocks=48,
+        block_size=BLOCK_SIZE,
+        batch_decodes=batch_decodes,
+        fused_attention=fused,
+    )
+    assert runner.fused_decode == (fused and batch_decodes)
     g = random.Random(seed)
     prompts = [[g.randrange(128) for _ in range(n)] for n in (13, 7, 1, 20)]
     sim = _Sim(runner, prompts, seed)
@@ -112,9 +119,10 @@ def test_paged_steps_bf16_close_to_full_forward():
     assert counts["logits"] >= 30
 
 
-def test_batched_decode_path_equals_per_request_path():
+@pytest.mark.parametrize("fused", [True, False])
+def test_batched_decode_path_equals_per_request_path(fused):
     model = tiny_model(seed=1)
-    batched, _ = _run_steps(model, batch_decodes=True, seed=3)
+    batched, _ = _run_steps(model, batch_decodes=True, seed=3, fused=fused)
     single, _ = _run_steps(model, batch_decodes=False, seed=3)
     for a, b in zip(batched, single):
         assert a.sample_request_ids == b.sample_request_ids

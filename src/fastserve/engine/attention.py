@@ -36,6 +36,9 @@ Two attention paths, both reading K/V after this step's write:
 
   The H query heads of a decode are laid out as [H_kv, H / H_kv] "queries" per K/V head, so
   SDPA needs no K/V head repetition (query head h uses K/V head h // (H / H_kv), as in GQA).
+  On CPU the same decodes go instead through the fused kernel of paged_kernel.py when it is
+  built (`fused_decode`): it reads each context's blocks in place with an online softmax, with
+  no gather copy and no padding; the gather path is its reference in the tests.
 - prefill chunks: per request, `fastserve.model.llama.attention` over the gathered context with
   query offset seq_len - query_len (a chunk after a cached prefix). A request with no cached
   prefix attends to the step's own K/V directly (no gather).
@@ -53,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastserve.engine import paged_kernel
 from fastserve.model.llama import attention
 
 
@@ -82,9 +86,13 @@ class AttentionMetadata:
     # (short tables padded with block 0); keys are gathered a whole block at a time
     decode_blocks: Tensor | None
     decode_mask: Tensor | None  # [num_decodes, 1, 1, nb * bs] bool: True where key j < seq_len
+    decode_seq_lens: Tensor | None  # [num_decodes] int64: seq_lens of the decodes
     # per request r >= num_decodes: [ceil(seq_len / bs)] block ids of its whole context, or None
     # when the request has no cached prefix (seq_len == query_len: it attends to this step's K/V)
     context_blocks: list[Tensor | None]
+    # decodes read K/V in place through the fused CPU kernel (paged_kernel.py) instead of the
+    # gather + padded SDPA path
+    fused_decode: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -99,11 +107,13 @@ class AttentionMetadata:
         block_size: int,
         device: torch.device | str = "cpu",
         batch_decodes: bool = True,
+        fused_decode: bool = False,
     ) -> AttentionMetadata:
         """Metadata for R requests computing `query_lens[r]` new tokens that end at `seq_lens[r]`.
 
         `batch_decodes=False` sends every request through the per-request path (the reference
-        the batched decode path is tested against).
+        the batched decode path is tested against). `fused_decode=True` runs the batched
+        decodes through the fused kernel (the caller checks `paged_kernel.supports`).
         """
         num_reqs = len(query_lens)
         if not (len(seq_lens) == len(block_tables) == num_reqs) or num_reqs == 0:
@@ -142,13 +152,15 @@ class AttentionMetadata:
         if batch_decodes:
             while num_decodes < num_reqs and query_lens[num_decodes] == 1:
                 num_decodes += 1
-        decode_blocks = decode_mask = None
+        decode_blocks = decode_mask = decode_seq_lens = None
         if num_decodes:
             nb = -(-max(seq_lens[:num_decodes]) // block_size)
             decode_blocks = bt_pad[:num_decodes, :nb].to(device)
-            j = torch.arange(nb * block_size)
             lens = torch.tensor(seq_lens[:num_decodes], dtype=torch.long)
-            decode_mask = (j[None, :] < lens[:, None])[:, None, None, :].to(device)
+            decode_seq_lens = lens.to(device)
+            if not fused_decode:
+                j = torch.arange(nb * block_size)
+                decode_mask = (j[None, :] < lens[:, None])[:, None, None, :].to(device)
         context_blocks: list[Tensor | None] = []
         for r in range(num_decodes, num_reqs):
             if seq_lens[r] == query_lens[r]:
@@ -166,7 +178,9 @@ class AttentionMetadata:
             num_decodes=num_decodes,
             decode_blocks=decode_blocks,
             decode_mask=decode_mask,
+            decode_seq_lens=decode_seq_lens,
             context_blocks=context_blocks,
+            fused_decode=fused_decode and num_decodes > 0,
         )
 
 
@@ -195,7 +209,15 @@ def paged_attention(
     v_blk = v_cache.view(num_blocks, bs * h_kv * head_dim)
     nd = meta.num_decodes
     dec_out = None
-    if nd:
+    if nd and meta.fused_decode:  # K/V read in place, no gather
+        qd = q[0, :, :nd].transpose(0, 1)  # [nd, H, D]
+        od = paged_kernel.paged_decode_attention(
+            qd, k_cache, v_cache, meta.decode_blocks, meta.decode_seq_lens
+        )
+        dec_out = od.transpose(0, 1)  # [H, nd, D]
+        if nd == num_tokens:
+            return dec_out.unsqueeze(0)
+    elif nd:
         idx = meta.decode_blocks.reshape(-1)
         s = meta.decode_blocks.shape[1] * bs
         kd = k_blk.index_select(0, idx).view(nd, s, h_kv, head_dim).transpose(1, 2)

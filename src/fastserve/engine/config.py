@@ -73,6 +73,9 @@ class EngineConfig:
     starvation_limit_s: float = 5.0
     # Proactive swapping starts when free device blocks fall under this fraction.
     swap_out_threshold: float = 0.1
+    # Decode attention through the fused CPU paged-attention kernel (built on first use; the
+    # gather-based path otherwise, and always on CUDA).
+    fused_attention: bool = True
     # Torch device ("cpu", "cuda", "cuda:N") and weights dtype (None: the checkpoint's).
     device: str = "cpu"
     dtype: str | None = None

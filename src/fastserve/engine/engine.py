@@ -99,7 +99,14 @@ class LLMEngine:
         else:
             swap_bytes = parse_bytes(config.swap_space)
             num_host = ModelRunner.num_blocks_for_memory(mc, bs, swap_bytes, model.dtype)
-        self.runner = ModelRunner(model, num_blocks, bs, num_host, device=config.device)
+        self.runner = ModelRunner(
+            model,
+            num_blocks,
+            bs,
+            num_host,
+            device=config.device,
+            fused_attention=config.fused_attention,
+        )
         estimate = self.runner.profile()
         self.cost = CostModel(estimate.prefill_s_per_token, estimate.decode_s_per_step)
         self.kv = KVCacheManager(num_blocks, bs, config.enable_prefix_caching, num_host)

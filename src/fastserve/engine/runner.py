@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from fastserve.engine import paged_kernel
 from fastserve.engine.attention import AttentionMetadata, PagedAttention
 from fastserve.errors import ConfigError
 from fastserve.model.config import ModelConfig
@@ -100,6 +101,7 @@ class ModelRunner:
         num_host_blocks: int = 0,
         device: torch.device | str | None = None,
         batch_decodes: bool = True,  # False: every request on the per-request attention path
+        fused_attention: bool = True,  # decodes through the fused CPU kernel when it is built
     ) -> None:
         if num_blocks < 1 or block_size < 1 or num_host_blocks < 0:
             per_block = self.kv_bytes_per_block(model.config, max(block_size, 1), model.dtype)
@@ -115,6 +117,13 @@ class ModelRunner:
         self.block_size = block_size
         self.num_host_blocks = num_host_blocks
         self.batch_decodes = batch_decodes
+        self.fused_decode = (
+            fused_attention
+            and batch_decodes
+            and self.device.type == "cpu"
+            and model.dtype in paged_kernel.DTYPES
+            and paged_kernel.available()
+        )
         c, dtype = self.config, model.dtype
         shape = (block_size, c.num_key_value_heads, c.head_dim)
         dev = dict(dtype=dtype, device=self.device)
@@ -209,6 +218,7 @@ class ModelRunner:
             block_size=self.block_size,
             device=self.device,
             batch_decodes=self.batch_decodes,
+            fused_decode=self.fused_decode,
         )
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         cache = PagedAttention(self.k_caches, self.v_caches, meta)
