@@ -19,7 +19,7 @@ import threading
 from collections.abc import AsyncIterator
 
 from fastserve.engine.config import EngineConfig
-from fastserve.engine.engine import LLMEngine
+from fastserve.engine.engine import EngineStats, LLMEngine
 from fastserve.engine.request import RequestOutput, SamplingParams
 
 
@@ -113,6 +113,11 @@ class AsyncEngine:
         """Stop a request now and free its KV blocks (a no-op for unknown or finished ids)."""
         with self._lock:
             self.engine.abort_request(request_id)
+
+    def stats(self) -> EngineStats:
+        """The engine's gauges and counters, read between steps (blocks for one step at most)."""
+        with self._lock:
+            return self.engine.stats()
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         self._stopping = True

@@ -1,0 +1,121 @@
+"""Shared helpers of the server tests: a tiny model dir and a real `fastserve serve` process."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+CONTEXT_LEN = 2048  # the tiny model's max_position_embeddings
+
+
+def make_model_dir(path: Path) -> Path:
+    """A ~100K-parameter Llama with a trained BPE tokenizer (random weights, peaked logits)."""
+    from fastserve.data.tokenizer import Tokenizer
+    from fastserve.model import LlamaForCausalLM, ModelConfig, save_model
+
+    rng = random.Random(0)
+    words = "the cat sat on a mat while server tokens queue blocks cache model".split()
+    texts = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(200)]
+    tokenizer = Tokenizer.train(texts, vocab_size=300)
+    config = ModelConfig.preset(
+        "tiny",
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=CONTEXT_LEN,
+        initializer_range=0.2,  # peaked logits: greedy ties between paths are practically absent
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.init_weights(seed=1)
+    save_model(model, path, tokenizer=tokenizer)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m fastserve serve MODEL_DIR --port P ...` on 127.0.0.1, ready when /health is."""
+
+    def __init__(self, model_dir: Path, *args: str, log_path: Path | None = None) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path or Path(model_dir).parent / f"server-{self.port}.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop())
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        env.pop("FASTSERVE_API_KEY", None)
+        cmd = [sys.executable, "-m", "fastserve", "serve", str(model_dir)]
+        cmd += ["--port", str(self.port), "--log-level", "info", *args]
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_ready(self, timeout_s: float = 120.0) -> ServerProcess:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.base_url + "/health", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"server not ready after {timeout_s} s:\n{self.log()}")
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text()
+
+    def metrics(self) -> dict[str, float]:
+        """The /metrics samples as {'name{labels}': value} (labels without model_name)."""
+        text = httpx.get(self.base_url + "/metrics", timeout=10).text
+        out = {}
+        for line in text.splitlines():
+            if not line or line.startswith("#"):
+                continue
+            key, value = line.rsplit(" ", 1)
+            key = re.sub(r'model_name="[^"]*"', "", key)
+            key = key.replace("{,", "{").replace(",}", "}").replace(",,", ",").replace("{}", "")
+            out[key] = float(value)
+        return out
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def wait_for(predicate, timeout_s: float = 30.0, interval_s: float = 0.05):
+    """Poll `predicate()` until it returns something truthy and return that (or fail)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        time.sleep(interval_s)
