@@ -1,4 +1,4 @@
-"""The Llama-family model: config, network, KV cache and HF-layout checkpoints.
+"""The Llama-family model: config, network, KV cache, quantized layers and HF-layout checkpoints.
 
 Knows tensors and shapes only: no sampling (fastserve.generate), no scheduling (fastserve.engine).
 """
@@ -6,13 +6,23 @@ Knows tensors and shapes only: no sampling (fastserve.generate), no scheduling (
 from fastserve.model.checkpoint import load_model, save_model
 from fastserve.model.config import ModelConfig, parse_overrides, resolve_config
 from fastserve.model.llama import KVCache, LlamaForCausalLM
+from fastserve.model.quantized import (
+    QuantLinear,
+    QuantScheme,
+    quantization_modules,
+    quantize_model,
+)
 
 __all__ = [
     "KVCache",
     "LlamaForCausalLM",
     "ModelConfig",
+    "QuantLinear",
+    "QuantScheme",
     "load_model",
     "parse_overrides",
+    "quantization_modules",
+    "quantize_model",
     "resolve_config",
     "save_model",
 ]
