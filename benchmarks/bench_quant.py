@@ -1,0 +1,220 @@
+"""Quantization quality, size and speed: one markdown table over the compression presets.
+
+    python benchmarks/bench_quant.py --model runs/sh/model --data runs/sh-data
+    python benchmarks/bench_quant.py --train-data runs/sh-data --train-steps 2000   # trains first
+    python benchmarks/bench_quant.py --model M --data D --speed --speed-preset base
+
+Rows: fp32, bf16, w8a16, w8a8, w4a16 (RTN), w4a16-gptq, w4a16-awq, w3a16-gptq. Quality columns,
+on the val split of --data (non-overlapping windows of --block-size, up to --eval-tokens tokens),
+against the fp32 model on the same windows:
+  bytes      size of the model dir's safetensors files
+  ppl        val perplexity; d ppl = relative change vs fp32
+  KL mean / KL p99   per-token KL(p_fp32 || p_row) in nats (llama.cpp's statistics)
+  top-1      share of positions where the row's most likely token is fp32's
+  quant s    wall time of compress() (calibration on the train split of --data)
+Speed columns (--speed): decode tokens/s at batch 1 and 16 (prefill 32 tokens, then --decode-steps
+greedy steps with the KV cache), on a random-initialised model of --speed-preset (base: >= 100 MB
+fp32 weights, so decode is memory-bound). The MLP width of the speed and --train-preset models is
+rounded up to a multiple of 128 so the int4 groups of 128 fit. A format's speed does not depend
+on how its values were chosen, so GPTQ/AWQ rows reuse the RTN model of the same scheme.
+Compressed dirs keep the source dtype (fp32 activations; the int8/int4 kernels compute in bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROWS = ["fp32", "bf16", "w8a16", "w8a8", "w4a16", "w4a16-gptq", "w4a16-awq", "w3a16-gptq"]
+SPEED_FORMAT = {"w4a16-gptq": "w4a16", "w4a16-awq": "w4a16", "w3a16-gptq": "w3a16"}
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def train_model(data: str, out: Path, steps: int, preset: str) -> Path:
+    from fastserve.model import ModelConfig
+    from fastserve.train import train
+    from fastserve.train.config import TrainConfig
+
+    # The int4 presets use groups of 128 input columns: round the MLP width up to fit them.
+    inter = _round_up(ModelConfig.preset(preset).intermediate_size, 128)
+    cfg = TrainConfig(
+        data_dir=data,
+        out_dir=str(out),
+        model=preset,
+        max_steps=steps,
+        model_overrides={"intermediate_size": inter},
+    )
+    return Path(train(cfg).final_dir)
+
+
+@torch.no_grad()
+def eval_windows(data: str, block_size: int, max_tokens: int) -> list[torch.Tensor]:
+    from fastserve.data import TokenShards
+
+    shards = TokenShards(data, "val")
+    batches, total = [], 0
+    for x, y in shards.iter_batches(8, block_size):
+        batches.append(torch.cat([x, y[:, -1:]], dim=1))
+        total += x.numel()
+        if total >= max_tokens:
+            break
+    return batches
+
+
+@torch.no_grad()
+def quality(model, windows, ref_logprobs=None) -> dict:
+    nll, count, kls, same, logprobs = 0.0, 0, [], 0, []
+    for i, w in enumerate(windows):
+        lp = torch.log_softmax(model(w[:, :-1]).float(), dim=-1)
+        nll += float(-lp.gather(-1, w[:, 1:, None]).sum())
+        count += w[:, 1:].numel()
+        if ref_logprobs is None:
+            logprobs.append(lp)
+        else:
+            ref = ref_logprobs[i]
+            kls.append((ref.exp() * (ref - lp)).sum(-1).flatten())
+            same += int((ref.argmax(-1) == lp.argmax(-1)).sum())
+    out = {"ppl": math.exp(nll / count)}
+    if ref_logprobs is None:
+        out["logprobs"] = logprobs
+    else:
+        kl = torch.cat(kls)
+        out.update(kl_mean=float(kl.mean()), kl_p99=float(kl.quantile(0.99)), top1=same / count)
+    return out
+
+
+@torch.no_grad()
+def decode_tok_s(model, batch: int, steps: int, vocab: int) -> float:
+    prompt = torch.randint(0, vocab, (batch, 32), generator=torch.Generator().manual_seed(0))
+    best = 0.0
+    for _ in range(2):  # the first run warms kernel caches (int4 weight layout) up
+        cache = model.new_cache(batch, 32 + steps)
+        nxt = model(prompt, cache)[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(steps):
+            nxt = model(nxt, cache)[:, -1:].argmax(-1)
+        best = max(best, batch * steps / (time.perf_counter() - start))
+    return best
+
+
+def speed_rows(preset: str, steps: int, root: Path) -> dict[str, tuple[float, float]]:
+    from fastserve.compress import compress_model
+    from fastserve.compress.recipe import Recipe
+    from fastserve.model import LlamaForCausalLM, ModelConfig
+
+    inter = _round_up(ModelConfig.preset(preset).intermediate_size, 128)  # groups of 128 fit
+    config = ModelConfig.preset(preset, max_position_embeddings=512, intermediate_size=inter)
+    recipes = {
+        "w8a16": Recipe.preset("w8a16"),
+        "w8a8": Recipe.from_dict({"modifiers": [{"type": "RTN", "bits": 8, "act_bits": 8}]}),
+        "w4a16": Recipe.preset("w4a16"),
+        "w3a16": Recipe.from_dict(
+            {"modifiers": [{"type": "RTN", "bits": 3, "group_size": 128, "symmetric": False}]}
+        ),
+    }
+    result = {}
+    for name in ["fp32", "bf16", *recipes]:
+        model = LlamaForCausalLM(config).eval()
+        if name == "bf16":
+            model = model.to(torch.bfloat16)
+        elif name in recipes:
+            compress_model(model, recipes[name], None)
+        nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        if name == "fp32":
+            print(f"speed model: {preset}, {nbytes / 1e6:.0f} MB fp32 parameters")
+        result[name] = tuple(decode_tok_s(model, b, steps, config.vocab_size) for b in (1, 16))
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default=None, help="fp32 model dir to compress (or --train-data)")
+    p.add_argument("--data", default=None, help="shard dir: train split calibrates, val evaluates")
+    p.add_argument("--train-data", default=None, help="train a model on this shard dir first")
+    p.add_argument("--train-steps", type=int, default=2000, help="steps when training (2000)")
+    p.add_argument("--train-preset", default="small", help="model preset when training (small)")
+    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows (all)")
+    p.add_argument("--num-samples", type=int, default=128, help="calibration samples (128)")
+    p.add_argument("--seq-len", type=int, default=512, help="calibration tokens/sample (512)")
+    p.add_argument("--block-size", type=int, default=256, help="eval window tokens (256)")
+    p.add_argument("--eval-tokens", type=int, default=65536, help="val tokens evaluated (65536)")
+    p.add_argument("--speed", action="store_true", help="also measure decode tokens/s")
+    p.add_argument("--speed-preset", default="base", help="random-init speed model (base)")
+    p.add_argument("--decode-steps", type=int, default=32, help="timed decode steps (32)")
+    p.add_argument("--work-dir", default=None, help="keep compressed dirs here (default: temp)")
+    args = p.parse_args()
+
+    from fastserve.compress import compress
+    from fastserve.model import load_model, save_model
+
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-quant-"))
+    data = args.data or args.train_data
+    if data is None:
+        p.error("give --data (and --model) or --train-data")
+    model_dir = Path(args.model) if args.model else None
+    if model_dir is None:
+        if args.train_data is None:
+            p.error("give --model or --train-data")
+        model_dir = train_model(
+            args.train_data, work / "train", args.train_steps, args.train_preset
+        )
+    rows = args.rows.split(",")
+
+    windows = eval_windows(data, args.block_size, args.eval_tokens)
+    fp32 = load_model(model_dir, dtype=torch.float32)
+    ref = quality(fp32, windows)
+    table: dict[str, dict] = {"fp32": {"bytes": dir_bytes(model_dir), "ppl": ref["ppl"]}}
+    for row in rows:
+        if row == "fp32":
+            continue
+        if row == "bf16":
+            save_model(load_model(model_dir, dtype=torch.bfloat16), work / "bf16")
+            out, quant_s = work / "bf16", None
+        else:
+            seq_len = min(args.seq_len, args.block_size * 2)
+            res = compress(model_dir, row, data, work / row, args.num_samples, seq_len)
+            out, quant_s = work / row, res.time_s
+        q = quality(load_model(out), windows, ref["logprobs"])
+        table[row] = {"bytes": dir_bytes(out), "quant_s": quant_s, **q}
+        print(f"{row}: ppl {q['ppl']:.3f}, KL {q['kl_mean']:.4f}", flush=True)
+
+    speed = speed_rows(args.speed_preset, args.decode_steps, work) if args.speed else {}
+    print(
+        f"\nmodel {model_dir}, val windows {len(windows)} x 8 x {args.block_size}, calibration "
+        f"{args.num_samples} x {args.seq_len} from {data}\n"
+    )
+    head = "| row | bytes | val ppl | d ppl | KL mean | KL p99 | top-1 % | b1 tok/s | b16 tok/s "
+    print(head + "| quant s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    base_ppl = table["fp32"]["ppl"]
+    for row in ["fp32", *[r for r in rows if r != "fp32"]]:
+        t = table[row]
+        fmt = SPEED_FORMAT.get(row, row)
+        b1, b16 = (f"{v:,.0f}" for v in speed[fmt]) if fmt in speed else ("-", "-")
+        kl = (
+            f"{t['kl_mean']:.4f} | {t['kl_p99']:.4f} | {100 * t['top1']:.2f}"
+            if "top1" in t
+            else "0 | 0 | 100"
+        )
+        qs = f"{t['quant_s']:.1f}" if t.get("quant_s") is not None else "-"
+        d_ppl = 100 * (t["ppl"] / base_ppl - 1)
+        print(
+            f"| {row} | {t['bytes']:,} | {t['ppl']:.3f} | {d_ppl:+.2f}% | {kl} "
+            f"| {b1} | {b16} | {qs} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Offline quantization algorithms; each turns float decoder layers into `QuantLinear` layers.
+
+rtn.py          round-to-nearest (no data)
+gptq.py         GPTQ: Hessian accumulation + column-wise rounding with error feedback
+awq.py          AWQ: activation-aware scale search folded into the previous op, clip search, RTN
+smoothquant.py  SmoothQuant: activation outliers migrated into weights (then W8A8 RTN)
+
+This file holds what they share: the linear groups of a Llama decoder layer, the per-linear
+scheme lookup (`Schemes`: one scheme for every target, or one per target, since a recipe's group
+size may fall back per linear) and the folding of a per-input-channel scale into the op before a
+group, which leaves the layer's function unchanged:
+
+    prev op (RMSNorm weight g, or linear rows)      group linears (columns)
+    y = g * norm(x)  ->  y / s                      W  ->  W * s          so  W (y) == (W s)(y / s)
+
+What it does not know: recipes, files, the calibration walk (it gets a `run()` that performs one
+pass of the layer over the calibration inputs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fastserve.model.quantized import QuantScheme
+
+# One scheme for every target, or {layer-relative target name: its scheme}.
+Schemes = QuantScheme | Mapping[str, QuantScheme]
+
+
+def scheme_of(schemes: Schemes, name: str) -> QuantScheme:
+    """The scheme of target `name` (layer-relative); KeyError when a mapping lacks it."""
+    return schemes if isinstance(schemes, QuantScheme) else schemes[name]
+
+
+@dataclass(frozen=True)
+class LinearGroup:
+    """Linears of a decoder layer that read the same input, in the order a layer computes them."""
+
+    prev: str  # the op whose output is the group's input (RMSNorm or linear), layer-relative
+    linears: tuple[str, ...]  # layer-relative names of the linears reading that output
+    inspect: str  # the module whose output measures a group's error (AWQ)
+
+
+LAYER_GROUPS = (
+    LinearGroup(
+        "input_layernorm",
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "self_attn",
+    ),
+    LinearGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
+    LinearGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+    LinearGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
+)
+
+
+def group_of(local_name: str) -> LinearGroup:
+    for g in LAYER_GROUPS:
+        if local_name in g.linears:
+            return g
+    raise ValueError(f"{local_name!r} is not a linear of a Llama decoder layer")
+
+
+def can_fold(layer: nn.Module, group: LinearGroup) -> bool:
+    """Whether a scale can be folded: every linear of the group and a linear `prev` still float,
+    and (for v_proj -> o_proj under grouped-query attention) the channel counts match."""
+    members = [layer.get_submodule(n) for n in group.linears]
+    if not all(type(m) is nn.Linear for m in members):
+        return False
+    prev = layer.get_submodule(group.prev)
+    if isinstance(prev, nn.Linear):
+        return type(prev) is nn.Linear and prev.out_features == members[0].in_features
+    return hasattr(prev, "weight") and prev.weight.shape[0] == members[0].in_features
+
+
+@torch.no_grad()
+def fold_scales(layer: nn.Module, group: LinearGroup, s: Tensor) -> None:
+    """Divide the group's input channels by s (in `prev`) and multiply the linears' columns by s."""
+    prev = layer.get_submodule(group.prev)
+    if isinstance(prev, nn.Linear):
+        prev.weight.div_(s.to(prev.weight.dtype)[:, None])
+        if prev.bias is not None:
+            prev.bias.div_(s.to(prev.bias.dtype))
+    else:  # RMSNorm: y = weight * normalized(x)
+        prev.weight.div_(s.to(prev.weight.dtype))
+    for name in group.linears:
+        w = layer.get_submodule(name).weight
+        w.mul_(s.to(w.dtype)[None, :])

@@ -1,0 +1,171 @@
+"""AWQ (Lin et al., 2023): protect the weights that meet large activations by scaling them up
+before rounding (and the activations down, folded into the op before them), then clip and RTN.
+
+    scales = awq_scale_layer(layer, run, targets, scheme, num_grid=20)   # function-preserving
+    awq_quantize_layer(layer, run, targets, scheme, clip=True)           # clip search + RTN
+
+`scheme` is one QuantScheme or {target: scheme} (a recipe's group size may fall back per linear,
+e.g. down_proj's in_features differs from gate/up's); each linear is fake-quantized and clipped
+with its own scheme, also inside a group's joint scale search.
+
+Scale search, per linear group of the layer (q/k/v after input_layernorm, o after v when the
+channel counts match (no grouped-query attention), gate/up after post_attention_layernorm, down
+after up), with x the group's calibration input and m_j = mean |x_j|:
+    for alpha in 0, 1/20, ..., 19/20:  s = m^alpha / sqrt(max(m^alpha) min(m^alpha))
+        W' = Q(W s) / s for the group's quantized linears      (Q = RTN of the scheme)
+        loss = || module(x; W') - module(x; W) ||^2    module = the attention, the MLP, o or down
+    keep the best s (alpha = 0 is s = 1, so the search never does worse than plain RTN on x) and
+    fold it: prev op's output channels / s, the group's columns * s.
+Clip search, per quantized linear except q/k (attention scores are sensitive to their clipping):
+for each (row, group) try max |w| * (1 - i / clip_grid), i < max_shrink * clip_grid; keep the one
+with the least error of that group's partial output on up to clip_max_tokens calibration tokens.
+
+What it does not know: recipes, the layer walk (it gets `run()`, one calibration pass).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from fastserve.compress.calibration import capture_inputs
+from fastserve.compress.quant import LAYER_GROUPS, Schemes, can_fold, fold_scales, scheme_of
+from fastserve.model.quantized import QuantLinear, QuantScheme, fake_quantize, replace_linear
+
+_NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")
+
+
+def _capture(layer: nn.Module, run: Callable[[], None], name: str) -> list[tuple]:
+    """The positional arguments of every forward of submodule `name` during one pass."""
+    calls: list[tuple] = []
+    with capture_inputs({name: layer.get_submodule(name)}, lambda _n, args: calls.append(args)):
+        run()
+    return calls
+
+
+@torch.no_grad()
+def awq_scale_layer(
+    layer: nn.Module,
+    run: Callable[[], None],
+    targets: list[str],
+    scheme: Schemes,
+    num_grid: int = 20,
+) -> dict[str, Tensor]:
+    """Search and fold AWQ scales for every group of `layer` holding a target (module
+    docstring); weights stay float. Returns {group prev: s} for the groups scaled."""
+    result = {}
+    for group in LAYER_GROUPS:
+        quantized = [n for n in group.linears if n in targets]
+        if not quantized or not can_fold(layer, group):
+            continue
+        module = layer.get_submodule(group.inspect)
+        calls = _capture(layer, run, group.inspect)  # after the previous groups were folded
+        x_abs_sum, count = None, 0
+        for args in calls:
+            x = args[0].reshape(-1, args[0].shape[-1])
+            part = x.abs().double().sum(dim=0)
+            x_abs_sum = part if x_abs_sum is None else x_abs_sum + part
+            count += x.shape[0]
+        x_mean = (x_abs_sum / count).float()
+        y_ref = [module(*args) for args in calls]
+        linears = [layer.get_submodule(n) for n in quantized]
+        schemes = [scheme_of(scheme, n) for n in quantized]
+        originals = [lin.weight.detach().clone() for lin in linears]
+
+        best_loss, best_s = float("inf"), torch.ones_like(x_mean)
+        for i in range(num_grid):
+            s = x_mean.pow(i / num_grid).clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            for lin, w, sch in zip(linears, originals, schemes):
+                sw = s.to(w.dtype)[None, :]
+                lin.weight.copy_(fake_quantize(w * sw, sch) / sw)
+            loss = sum(float((module(*a) - y).double().pow(2).sum()) for a, y in zip(calls, y_ref))
+            if loss < best_loss:
+                best_loss, best_s = loss, s
+        for lin, w in zip(linears, originals):
+            lin.weight.copy_(w)
+        fold_scales(layer, group, best_s)
+        result[group.prev] = best_s
+    return result
+
+
+def _evenly(x: Tensor, max_tokens: int) -> Tensor:
+    x = x.reshape(-1, x.shape[-1])
+    if x.shape[0] <= max_tokens:
+        return x
+    idx = torch.linspace(0, x.shape[0] - 1, max_tokens, device=x.device).round().long()
+    return x[idx]
+
+
+@torch.no_grad()
+def clip_weight(
+    w: Tensor,
+    x: Tensor,
+    scheme: QuantScheme,
+    clip_grid: int = 20,
+    max_shrink: float = 0.5,
+    rows_per_chunk: int = 64,
+) -> Tensor:
+    """w [out, in] clamped per (row, group) to the max-|w| ratio whose fake-quantized group gives
+    the least squared error of x_g @ w_g^T over the tokens x [n, in]."""
+    out_features, in_features = w.shape
+    g = scheme.group_size or in_features
+    n_groups = in_features // g
+    xg = x.float().reshape(-1, n_groups, g)  # [n, G, g]
+    result = w.detach().clone()
+    for r0 in range(0, out_features, rows_per_chunk):
+        wr = w[r0 : r0 + rows_per_chunk].float()  # [R, in]
+        wg = wr.reshape(-1, n_groups, g)  # [R, G, g]
+        ref = torch.einsum("ngk,rgk->nrg", xg, wg)
+        max_abs = wg.abs().amax(dim=-1, keepdim=True)  # [R, G, 1]
+        best_err = torch.full(max_abs.shape[:2], float("inf"), device=w.device)
+        best_max = max_abs.clone()
+        for i in range(max(1, int(max_shrink * clip_grid))):
+            limit = max_abs * (1 - i / clip_grid)
+            wc = torch.maximum(torch.minimum(wg, limit), -limit).reshape(wr.shape)
+            wq = fake_quantize(wc, scheme).reshape(wg.shape)
+            err = (torch.einsum("ngk,rgk->nrg", xg, wq) - ref).pow(2).mean(dim=0)  # [R, G]
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_max = torch.where(better[..., None], limit, best_max)
+        clipped = torch.maximum(torch.minimum(wg, best_max), -best_max).reshape(wr.shape)
+        result[r0 : r0 + rows_per_chunk] = clipped.to(w.dtype)
+    return result
+
+
+@torch.no_grad()
+def awq_quantize_layer(
+    layer: nn.Module,
+    run: Callable[[], None],
+    targets: list[str],
+    scheme: Schemes,
+    clip: bool = True,
+    clip_grid: int = 20,
+    max_shrink: float = 0.5,
+    clip_max_tokens: int = 4096,
+) -> None:
+    """Clip-search (optional) then RTN every target of `layer` (after awq_scale_layer)."""
+    to_clip = [n for n in targets if n not in _NO_CLIP] if clip else []
+    if to_clip:
+        inputs: dict[str, Tensor] = {}
+
+        def keep(n: str, args: tuple) -> None:  # a strided subsample, at most 2x the cap in memory
+            x = args[0].reshape(-1, args[0].shape[-1])
+            x = torch.cat((inputs[n], x)) if n in inputs else x
+            while x.shape[0] > 2 * clip_max_tokens:
+                x = x[::2]
+            inputs[n] = x
+
+        modules = {n: layer.get_submodule(n) for n in to_clip}
+        with capture_inputs(modules, keep):
+            run()
+        for n in to_clip:
+            x = _evenly(inputs[n], clip_max_tokens)
+            lin = modules[n]
+            sch = scheme_of(scheme, n)
+            lin.weight.copy_(clip_weight(lin.weight, x, sch, clip_grid, max_shrink))
+    for n in targets:
+        qlin = QuantLinear.from_linear(layer.get_submodule(n), scheme_of(scheme, n))
+        replace_linear(layer, n, qlin)
