@@ -50,7 +50,7 @@ def load(verbose: bool = False):
             if bindir not in os.environ.get("PATH", "").split(os.pathsep):
                 os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
             _module = build(
-                name="fastserve_paged_attention_v2",
+                name="fastserve_paged_attention_v3",
                 sources=[str(SOURCE)],
                 extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
                 extra_ldflags=["-fopenmp"],

@@ -58,6 +58,13 @@ void decode_attention(const scalar_t* q, const scalar_t* k, const scalar_t* v,
       for (int64_t b = 0; b < num_blocks; ++b) {
         const int64_t base = bt[b] * bs;
         const int64_t ntok = std::min(bs, len - b * bs);
+        if (b + 1 < num_blocks) {  // the next block is elsewhere in the pool: fetch it early
+          const int64_t next = bt[b + 1] * bs;
+          for (int64_t t = 0; t < bs; ++t) {
+            __builtin_prefetch(k + (next + t) * row + h * D);
+            __builtin_prefetch(v + (next + t) * row + h * D);
+          }
+        }
         for (int64_t t = 0; t < ntok; ++t) {
           const float* kr = as_float(k + (base + t) * row + h * D, D, buf.data());
           for (int64_t g = 0; g < G; ++g) {
