@@ -7,9 +7,11 @@ output tokens, ignore_eos so every request produces exactly its budget), on a ra
 model of each preset (throughput does not depend on the weights' values). Figures, output
 tokens/s (only the tokens each request asked for count):
   fastserve      LLM.generate over all prompts (continuous batching, paged KV, mlfq)
+  gather attention  the same with fused_attention=False (decode K/V gathered, padded SDPA)
   one-at-a-time  FastServe with max_num_seqs=1 (each request alone)
   hf-static      transformers generate in static, left-padded batches of --hf-batch prompts;
                  each batch runs until its longest request is done (what static batching costs)
+Each side loads its model once and warms up on a few short prompts before the timed runs.
 Medians over --repeats runs; ratios are to hf-static in the same run. "KV live": the share of
 reserved KV token slots that hold live tokens, averaged over the steps of one run (paging wastes
 at most one partly filled block per request).
@@ -50,45 +52,62 @@ def workload(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
     ]
 
 
-def run_fastserve(path: Path, work, **options) -> float:
+def run_fastserve(path: Path, work, repeats: int = 1, **options) -> list[float]:
+    """Output tokens/s of `repeats` timed LLM.generate calls on one engine (after a warm-up)."""
     from fastserve import LLM, SamplingParams
 
     llm = LLM(str(path), **options)
     prompts = [p for p, _ in work]
     params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for _, m in work]
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    elapsed = time.perf_counter() - t0
-    produced = sum(len(o.outputs[0].token_ids) for o in outs)
-    assert produced == sum(m for _, m in work)
-    return produced / elapsed
+    warm = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    llm.generate(prompts[:8], warm, use_tqdm=False)
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - t0
+        produced = sum(len(o.outputs[0].token_ids) for o in outs)
+        assert produced == sum(m for _, m in work)
+        rates.append(produced / elapsed)
+    return rates
 
 
 @torch.no_grad()
-def run_hf(path: Path, work, batch_size: int) -> float:
+def run_hf(path: Path, work, batch_size: int, repeats: int = 1) -> list[float]:
+    """Output tokens/s of HF generate over static left-padded batches (after a warm-up)."""
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-    useful, t0 = 0, time.perf_counter()
-    for i in range(0, len(work), batch_size):
-        chunk = work[i : i + batch_size]
-        width = max(len(p) for p, _ in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for row, (p, _) in enumerate(chunk):  # left padding, as generate expects
-            ids[row, width - len(p) :] = torch.tensor(p)
-            mask[row, width - len(p) :] = 1
-        longest = max(m for _, m in chunk)
-        model.generate(
-            ids,
-            attention_mask=mask,
-            do_sample=False,
-            max_new_tokens=longest,
-            min_new_tokens=longest,
-            pad_token_id=0,
-        )
-        useful += sum(m for _, m in chunk)
-    return useful / (time.perf_counter() - t0)
+
+    def once(chunks) -> int:
+        useful = 0
+        for chunk in chunks:
+            width = max(len(p) for p, _ in chunk)
+            ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            mask = torch.zeros(len(chunk), width, dtype=torch.long)
+            for row, (p, _) in enumerate(chunk):  # left padding, as generate expects
+                ids[row, width - len(p) :] = torch.tensor(p)
+                mask[row, width - len(p) :] = 1
+            longest = max(m for _, m in chunk)
+            model.generate(
+                ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=longest,
+                min_new_tokens=longest,
+                pad_token_id=0,
+            )
+            useful += sum(m for _, m in chunk)
+        return useful
+
+    chunks = [work[i : i + batch_size] for i in range(0, len(work), batch_size)]
+    once([[(p, 4) for p, _ in chunks[0]]])  # warm-up
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        useful = once(chunks)
+        rates.append(useful / (time.perf_counter() - t0))
+    return rates
 
 
 def kv_utilization(path: Path, work) -> tuple[float, float]:
@@ -127,26 +146,32 @@ def main() -> None:
     from rich.table import Table
 
     table = Table(title=f"offline output tokens/s ({torch.get_num_threads()} threads)")
-    for col in ("model", "fastserve", "hf-static", "one-at-a-time", "fastserve / hf", "KV live"):
+    cols = ("model", "fastserve", "gather attention", "hf-static", "one-at-a-time",
+            "fastserve / hf", "KV live")  # fmt: skip
+    for col in cols:
         table.add_column(col, justify="right")
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.presets.split(","):
             path = make_model_dir(preset, Path(tmp))
             vocab = {"small": 4096, "base": 8192}.get(preset, 4096)
             work = workload(args.num_prompts, vocab)
-            fs = [run_fastserve(path, work, policy="mlfq") for _ in range(args.repeats)]
-            hf = [run_hf(path, work, args.hf_batch) for _ in range(args.repeats)]
+            fs = run_fastserve(path, work, args.repeats, policy="mlfq")
+            gather = run_fastserve(path, work, args.repeats, policy="mlfq", fused_attention=False)
+            hf = run_hf(path, work, args.hf_batch, args.repeats)
             one = (
-                [run_fastserve(path, work, policy="fcfs", max_num_seqs=1)]
+                run_fastserve(path, work, 1, policy="fcfs", max_num_seqs=1)
                 if not args.skip_single
                 else [float("nan")]
             )
             live_mean, live_min = kv_utilization(path, work)
-            print(f"{preset}: fastserve {fs} hf {hf} single {one} kv live {live_mean} {live_min}")
+            print(f"{preset}: fastserve {fs} gather {gather} hf {hf} single {one} kv live "
+                  f"{live_mean} {live_min}")  # fmt: skip
             f, h, o = statistics.median(fs), statistics.median(hf), statistics.median(one)
+            g = statistics.median(gather)
             table.add_row(
                 preset,
                 f"{f:.0f}",
+                f"{g:.0f}",
                 f"{h:.0f}",
                 f"{o:.0f}",
                 f"{f / h:.2f}x",
