@@ -131,7 +131,8 @@ def main() -> None:
     lengths = sorted(j.output_len for j in jobs)
     print(
         f"cost model {cost.fixed_s * 1e3:.2f} ms + {cost.per_seq_s * 1e6:.0f} us/seq + "
-        f"{cost.per_token_s * 1e6:.0f} us/token; capacity {cap:.2f} req/s; arrival rate "
+        f"{cost.per_token_s * 1e6:.0f} us/token + {cost.per_context_token_s * 1e9:.0f} ns/context "
+        f"token; capacity {cap:.2f} req/s; arrival rate "
         f"{rate:.2f} req/s (load {rate / cap:.2f}); output lengths median "
         f"{lengths[len(lengths) // 2]}, p95 {lengths[int(0.95 * len(lengths))]}, max {lengths[-1]}"
     )

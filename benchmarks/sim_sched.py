@@ -62,7 +62,8 @@ def main() -> None:
         cost = profiled_cost(args.preset)
     console.print(
         f"step cost: {cost.fixed_s * 1e3:.3f} ms + {cost.per_seq_s * 1e6:.1f} us/seq + "
-        f"{cost.per_token_s * 1e6:.1f} us/token"
+        f"{cost.per_token_s * 1e6:.1f} us/token + {cost.per_context_token_s * 1e9:.0f} ns/context "
+        "token"
     )
     loads = [float(x) for x in args.loads.split(",")]
     report = {"cost": asdict(cost), "args": vars(args), "results": []}

@@ -3,6 +3,7 @@ hand-computed schedules."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -92,11 +93,13 @@ def test_simulation_is_deterministic():
     assert a.jct_s == b.jct_s and a.num_steps == b.num_steps
 
 
-def test_capacity_matches_a_saturated_simulation_of_identical_jobs():
+@pytest.mark.parametrize("per_context", [0.0, 2e-5])
+def test_capacity_matches_a_saturated_simulation_of_identical_jobs(per_context):
     # identical jobs, all at time 0, a multiple of the batch: the batch is always full
+    cost = dataclasses.replace(COST, per_context_token_s=per_context)
     jobs = [SimJob(0.0, 16, 40) for _ in range(64)]
-    cap = capacity_rps(jobs, COST, max_num_seqs=8)
-    res = simulate(jobs, config("fcfs", max_num_seqs=8), COST, num_blocks=1024)
+    cap = capacity_rps(jobs, cost, max_num_seqs=8)
+    res = simulate(jobs, config("fcfs", max_num_seqs=8), cost, num_blocks=1024)
     measured = len(jobs) / res.makespan_s
     # prefill steps batch 8 prompts (8 rows of 16 tokens) and are cheaper per token than the
     # capacity assumes; the two agree within the step-fixed-cost share of a prefill
@@ -104,16 +107,26 @@ def test_capacity_matches_a_saturated_simulation_of_identical_jobs():
 
 
 def test_step_cost_fit_recovers_known_coefficients():
-    true = StepCost(fixed_s=0.003, per_seq_s=0.0002, per_token_s=0.00005)
+    true = StepCost(fixed_s=0.003, per_seq_s=0.0002, per_token_s=0.00005, per_context_token_s=3e-7)
     est = CostEstimate(
         prefill_s_per_token=0.0,
         decode_s_per_step=0.0,
-        prefill_s_by_tokens={n: true.step_s(1, n) for n in (32, 128, 256)},
-        decode_s_by_batch={b: true.step_s(b, b) for b in (1, 8, 32)},
+        prefill_s_by_tokens={n: true.step_s(1, n, num_context_tokens=n) for n in (32, 128, 256)},
+        decode_s_by_batch={b: true.step_s(b, b, num_context_tokens=64 * b) for b in (1, 8, 32)},
+        context_len=64,
+        decode8_s_by_context={1024: true.step_s(8, 8, num_context_tokens=8 * 1024)},
     )
     fit = StepCost.from_estimate(est)
-    for name in ("fixed_s", "per_seq_s", "per_token_s"):
+    for name in ("fixed_s", "per_seq_s", "per_token_s", "per_context_token_s"):
         assert getattr(fit, name) == pytest.approx(getattr(true, name), rel=1e-6, abs=1e-12)
+
+
+def test_context_tokens_are_charged_per_step():
+    cost = StepCost(0.01, 0.001, 0.0001, per_context_token_s=1e-5)
+    res = simulate([SimJob(0.0, 40, 3)], config("fcfs"), cost, num_blocks=64)
+    # prefill reads 40 tokens of context, the two decodes 41 and 42
+    expected = cost.step_s(1, 40, 0, 40) + cost.step_s(1, 1, 0, 41) + cost.step_s(1, 1, 0, 42)
+    assert res.jct_s[0] == pytest.approx(expected)
 
 
 def test_workload_rate_and_lengths():

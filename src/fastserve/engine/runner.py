@@ -85,6 +85,9 @@ class CostEstimate:
     decode_s_per_step: float  # median over decode batch sizes of one decode step's time
     prefill_s_by_tokens: dict[int, float] = field(default_factory=dict)  # size -> median time
     decode_s_by_batch: dict[int, float] = field(default_factory=dict)  # batch -> median step time
+    context_len: int = 64  # context of each decode row in decode_s_by_batch
+    # context length -> median time of a step of 8 decodes over contexts that long
+    decode8_s_by_context: dict[int, float] = field(default_factory=dict)
 
     def prefill_s(self, num_tokens: int) -> float:
         return self.prefill_s_per_token * num_tokens
@@ -273,30 +276,39 @@ class ModelRunner:
         prefill_sizes: tuple[int, ...] = (32, 128, 256),
         decode_batch_sizes: tuple[int, ...] = (1, 8, 32),
         context_len: int = 64,
+        long_context_len: int = 1024,
         repeats: int = 3,
     ) -> CostEstimate:
-        """Time prefills of a few sizes and decode steps at a few batch sizes.
+        """Time prefills of a few sizes, decode steps at a few batch sizes (contexts of
+        `context_len`), and a batch of 8 decodes over contexts of `long_context_len` (what
+        attention over long contexts adds per context token).
 
         Writes garbage K/V into the pool's blocks: call it before serving. Sizes are capped by
         the model's context and the block pool.
         """
         capacity = min(self.num_blocks * self.block_size, self.config.max_position_embeddings)
         sizes = sorted({min(n, capacity) for n in prefill_sizes})
-        ctx = max(1, min(context_len, capacity))
         table = list(range(self.num_blocks))
         prefill_s: dict[int, float] = {}
         for n in sizes:
             req = RunnerRequest("profile", [0] * n, 0, n, table[: -(-n // self.block_size)])
             prefill_s[n] = self._time(RunnerBatch([req]), repeats)
-        decode_s: dict[int, float] = {}
-        nbr = -(-ctx // self.block_size)  # blocks a decode row needs (<= num_blocks)
-        for b in decode_batch_sizes:
-            # row k takes the next nbr blocks of the pool, wrapping around (rows may share blocks
-            # when the pool is small: only the time matters)
+
+        def decode_batch(b: int, ctx: int) -> RunnerBatch:
+            # row k takes the next nbr blocks of the pool, wrapping around (rows may share
+            # blocks when the pool is small: only the time matters)
+            nbr = -(-ctx // self.block_size)
             tables = [[(k * nbr + j) % self.num_blocks for j in range(nbr)] for k in range(b)]
             reqs = [RunnerRequest(f"p{k}", [0] * ctx, ctx - 1, 1, tables[k]) for k in range(b)]
-            decode_s[b] = self._time(RunnerBatch(reqs), repeats)
+            return RunnerBatch(reqs)
+
+        ctx = max(1, min(context_len, capacity))
+        decode_s = {b: self._time(decode_batch(b, ctx), repeats) for b in decode_batch_sizes}
+        long_ctx = max(1, min(long_context_len, capacity))
+        long_s = {long_ctx: self._time(decode_batch(8, long_ctx), repeats)}
         return CostEstimate(
+            context_len=ctx,
+            decode8_s_by_context=long_s,
             prefill_s_per_token=statistics.median(t / n for n, t in prefill_s.items()),
             decode_s_per_step=statistics.median(decode_s.values()),
             prefill_s_by_tokens=prefill_s,

@@ -24,6 +24,7 @@ What it does not know: tensors, tokens' values, sampling, detokenization, wall-c
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import statistics
 from dataclasses import dataclass, field
@@ -35,29 +36,41 @@ from fastserve.engine.scheduler import CostModel, Scheduler, SchedulerConfig
 
 @dataclass(frozen=True)
 class StepCost:
-    """Estimated seconds of one engine step: fixed + per_seq * rows + per_token * tokens."""
+    """Estimated seconds of one engine step:
+    fixed + per_seq * rows + per_token * tokens + per_context_token * context tokens + swaps,
+    where the context tokens are each scheduled request's sequence length after the step (what
+    its attention reads)."""
 
     # Per step, whatever runs (launch and Python overheads, weights read once per step).
     fixed_s: float
-    # Per scheduled request (sampling, per-row attention set-up, KV reads of a decode).
+    # Per scheduled request (sampling, per-row attention set-up).
     per_seq_s: float
     # Per computed token (the matmuls of prefill chunks and decodes).
     per_token_s: float
+    # Per context token attended to (reading its K/V).
+    per_context_token_s: float = 0.0
     # Per KV block copied between the device pool and the host tier.
     per_swap_block_s: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("fixed_s", "per_seq_s", "per_token_s", "per_swap_block_s"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for f in dataclasses.fields(self):
+            if not getattr(self, f.name) >= 0:
+                raise ValueError(f"{f.name} must be >= 0, got {getattr(self, f.name)!r}")
 
-    def step_s(self, num_seqs: int, num_tokens: int, num_swap_blocks: int = 0) -> float:
+    def step_s(
+        self,
+        num_seqs: int,
+        num_tokens: int,
+        num_swap_blocks: int = 0,
+        num_context_tokens: int = 0,
+    ) -> float:
         if num_seqs == 0 and num_swap_blocks == 0:
             return 0.0
         return (
             self.fixed_s
             + self.per_seq_s * num_seqs
             + self.per_token_s * num_tokens
+            + self.per_context_token_s * num_context_tokens
             + self.per_swap_block_s * num_swap_blocks
         )
 
@@ -67,22 +80,27 @@ class StepCost:
 
     @classmethod
     def from_estimate(cls, estimate, per_swap_block_s: float = 0.0) -> StepCost:
-        """Least-squares fit of (1, rows, tokens) to a runner's `CostEstimate` (single-request
-        prefills of several sizes and decode steps of several batch sizes). Negative
+        """Least-squares fit of (1, rows, tokens, context tokens) to a runner's `CostEstimate`:
+        single-request prefills of several sizes (context = the prompt), decode steps of several
+        batch sizes at one context length, and 8 decodes over long contexts. Negative
         coefficients (noise) are clipped to 0."""
         import torch
 
         rows, times = [], []
         for n, t in estimate.prefill_s_by_tokens.items():
-            rows.append([1.0, 1.0, float(n)])
+            rows.append([1.0, 1.0, float(n), float(n)])
             times.append(t)
+        ctx = getattr(estimate, "context_len", 64)
         for b, t in estimate.decode_s_by_batch.items():
-            rows.append([1.0, float(b), float(b)])
+            rows.append([1.0, float(b), float(b), float(b * ctx)])
+            times.append(t)
+        for c, t in getattr(estimate, "decode8_s_by_context", {}).items():
+            rows.append([1.0, 8.0, 8.0, float(8 * c)])
             times.append(t)
         a = torch.tensor(rows, dtype=torch.float64)
         y = torch.tensor(times, dtype=torch.float64).unsqueeze(1)
         coef = torch.linalg.lstsq(a, y).solution.squeeze(1).clamp_min(0).tolist()
-        return cls(coef[0], coef[1], coef[2], per_swap_block_s)
+        return cls(coef[0], coef[1], coef[2], coef[3], per_swap_block_s)
 
 
 @dataclass(frozen=True)
@@ -172,7 +190,11 @@ def simulate(
         out = sched.schedule()
         swaps = len(out.swap_in) + len(out.swap_out)
         swapped_blocks += swaps
-        dt = cost.step_s(len(out.scheduled), out.num_batched_tokens, swaps)
+        context = sum(
+            sched.requests[s.request_id].num_computed_tokens + s.num_new_tokens
+            for s in out.scheduled
+        )
+        dt = cost.step_s(len(out.scheduled), out.num_batched_tokens, swaps, context)
         if dt == 0.0:
             if out.finished:  # the scheduler only finished requests (too long to ever fit)
                 continue
@@ -253,14 +275,20 @@ def pareto_workload(
 
 
 def capacity_rps(jobs: list[SimJob], cost: StepCost, max_num_seqs: int) -> float:
-    """Requests per second the engine sustains with a full batch: 1 / (mean cost of a job),
-    a job costing its prompt's tokens plus its output tokens at a 1/max_num_seqs share of a
-    full decode step. Load = arrival rate / this (a lower batch only lowers the capacity)."""
+    """Requests per second the engine sustains with a full batch: 1 / (mean cost of a job).
+    A job costs its prompt's tokens (and their attention), plus each output token at a
+    1/max_num_seqs share of a full decode step and the attention over its context so far.
+    Load = arrival rate / this (a lower batch only lowers the capacity)."""
     if not jobs:
         raise ValueError("jobs must not be empty")
     b = max_num_seqs
     per_output = cost.step_s(b, b) / b
-    mean_cost = statistics.fmean(
-        j.prompt_len * cost.per_token_s + j.output_len * per_output for j in jobs
-    )
-    return 1.0 / mean_cost
+    c = cost.per_context_token_s
+
+    def job_cost(j: SimJob) -> float:
+        p, n = j.prompt_len, j.output_len
+        # decode i (1..n-1) attends to p + i tokens; the prefill to p
+        attention = c * (p + (n - 1) * p + (n - 1) * n / 2)
+        return p * cost.per_token_s + n * per_output + attention
+
+    return 1.0 / statistics.fmean(job_cost(j) for j in jobs)
