@@ -17,7 +17,9 @@ greedy steps with the KV cache), on a random-initialised model of --speed-preset
 fp32 weights, so decode is memory-bound). The MLP width of the speed and --train-preset models is
 rounded up to a multiple of 128 so the int4 groups of 128 fit. A format's speed does not depend
 on how its values were chosen, so GPTQ/AWQ rows reuse the RTN model of the same scheme.
-Compressed dirs keep the source dtype (fp32 activations; the int8/int4 kernels compute in bf16).
+Compressed dirs keep the source dtype (fp32 activations; the int8/int4 kernels compute in bf16);
+--speed-dtype bfloat16 times the quantized formats with their unquantized tensors (norms,
+embeddings, the dense lm_head) in bf16, as `fastserve compress --dtype bfloat16` saves them.
 """
 
 from __future__ import annotations
@@ -109,7 +111,9 @@ def decode_tok_s(model, batch: int, steps: int, vocab: int) -> float:
     return best
 
 
-def speed_rows(preset: str, steps: int, root: Path) -> dict[str, tuple[float, float]]:
+def speed_rows(
+    preset: str, steps: int, root: Path, rest_dtype: torch.dtype = torch.float32
+) -> dict[str, tuple[float, float]]:
     from fastserve.compress import compress_model
     from fastserve.compress.recipe import Recipe
     from fastserve.model import LlamaForCausalLM, ModelConfig
@@ -131,6 +135,7 @@ def speed_rows(preset: str, steps: int, root: Path) -> dict[str, tuple[float, fl
             model = model.to(torch.bfloat16)
         elif name in recipes:
             compress_model(model, recipes[name], None)
+            model = model.to(rest_dtype)  # norms, embeddings, lm_head; packed weights unchanged
         nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
         if name == "fp32":
             print(f"speed model: {preset}, {nbytes / 1e6:.0f} MB fp32 parameters")
@@ -153,6 +158,13 @@ def main() -> None:
     p.add_argument("--speed", action="store_true", help="also measure decode tokens/s")
     p.add_argument("--speed-preset", default="base", help="random-init speed model (base)")
     p.add_argument("--decode-steps", type=int, default=32, help="timed decode steps (32)")
+    p.add_argument(
+        "--speed-dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="dtype of the unquantized tensors (norms, embeddings, lm_head) of the quantized speed "
+        "models (float32)",
+    )
     p.add_argument("--work-dir", default=None, help="keep compressed dirs here (default: temp)")
     args = p.parse_args()
 
@@ -190,7 +202,8 @@ def main() -> None:
         table[row] = {"bytes": dir_bytes(out), "quant_s": quant_s, **q}
         print(f"{row}: ppl {q['ppl']:.3f}, KL {q['kl_mean']:.4f}", flush=True)
 
-    speed = speed_rows(args.speed_preset, args.decode_steps, work) if args.speed else {}
+    rest = getattr(torch, args.speed_dtype)
+    speed = speed_rows(args.speed_preset, args.decode_steps, work, rest) if args.speed else {}
     print(
         f"\nmodel {model_dir}, val windows {len(windows)} x 8 x {args.block_size}, calibration "
         f"{args.num_samples} x {args.seq_len} from {data}\n"
