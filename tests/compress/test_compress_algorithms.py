@@ -8,7 +8,7 @@ leave a float64 model's logits unchanged.
 from __future__ import annotations
 
 import torch
-from conftest import tiny_model, tiny_texts
+from compress_helpers import tiny_model, tiny_texts
 
 from fastserve.compress.calibration import LayerWalker, capture_inputs
 from fastserve.compress.quant.awq import awq_scale_layer, clip_weight

@@ -64,7 +64,7 @@ def test_preset_end_to_end(preset, compress_model_dir, calib_file, tmp_path):
 
 
 def test_w8a16_logits_close_to_float():
-    from conftest import tiny_model
+    from compress_helpers import tiny_model
 
     from fastserve.compress import compress_model
 
