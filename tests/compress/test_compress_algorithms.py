@@ -159,8 +159,18 @@ def test_awq_scaling_preserves_logits_float64():
     _scale_all_layers(
         model, ids, lambda layer, run: found.append(awq_scale_layer(layer, run, targets, scheme))
     )
-    # v->o is skipped under grouped-query attention (4 heads, 2 kv heads); the others are scaled.
-    assert set(found[0]) == {"input_layernorm", "post_attention_layernorm", "mlp.up_proj"}
+    # every group is scaled, v->o too under grouped-query attention (4 heads, 2 kv heads): the
+    # o_proj channels that read one v channel share its scale
+    assert set(found[0]) == {
+        "input_layernorm",
+        "self_attn.v_proj",
+        "post_attention_layernorm",
+        "mlp.up_proj",
+    }
+    attn = model.model.layers[0].self_attn
+    groups = attn.num_heads // attn.num_kv_heads
+    s_o = found[0]["self_attn.v_proj"].view(attn.num_kv_heads, groups, attn.head_dim)
+    assert torch.equal(s_o, s_o[:, :1].expand_as(s_o))
     assert any(not torch.allclose(s, torch.ones_like(s)) for s in found[0].values())
     torch.testing.assert_close(model(ids), ref, rtol=0, atol=1e-4)
 

@@ -64,26 +64,63 @@ def group_of(local_name: str) -> LinearGroup:
     raise ValueError(f"{local_name!r} is not a linear of a Llama decoder layer")
 
 
+def gqa_groups(layer: nn.Module, group: LinearGroup) -> int:
+    """1, or for v_proj -> o_proj under grouped-query attention the number of query heads that
+    read each K/V head (o_proj's input channel h * D + d comes from v channel (h // G) * D + d)."""
+    prev = layer.get_submodule(group.prev)
+    member = layer.get_submodule(group.linears[0])
+    if not isinstance(prev, nn.Linear) or prev.out_features == member.in_features:
+        return 1
+    attn = layer.get_submodule("self_attn") if group.prev == "self_attn.v_proj" else None
+    if attn is None or not hasattr(attn, "num_kv_heads"):
+        return 0  # not a shape this module knows how to fold
+    if (
+        prev.out_features != attn.num_kv_heads * attn.head_dim
+        or member.in_features != attn.num_heads * attn.head_dim
+    ):
+        return 0
+    return attn.num_heads // attn.num_kv_heads
+
+
+def tie_gqa(layer: nn.Module, group: LinearGroup, s: Tensor) -> Tensor:
+    """A per-input-channel vector of the group's linears made foldable: under grouped-query
+    attention the channels that share a v channel get their mean (identity otherwise)."""
+    g = gqa_groups(layer, group)
+    if g <= 1:
+        return s
+    d = layer.get_submodule("self_attn").head_dim
+    tied = s.view(-1, g, d).mean(dim=1, keepdim=True)
+    return tied.expand(-1, g, d).reshape(-1)
+
+
 def can_fold(layer: nn.Module, group: LinearGroup) -> bool:
     """Whether a scale can be folded: every linear of the group and a linear `prev` still float,
-    and (for v_proj -> o_proj under grouped-query attention) the channel counts match."""
+    and the channel counts match (v_proj -> o_proj under grouped-query attention folds through
+    the head layout, with the scales of channels sharing a v channel tied: `tie_gqa`)."""
     members = [layer.get_submodule(n) for n in group.linears]
     if not all(type(m) is nn.Linear for m in members):
         return False
     prev = layer.get_submodule(group.prev)
     if isinstance(prev, nn.Linear):
-        return type(prev) is nn.Linear and prev.out_features == members[0].in_features
+        return type(prev) is nn.Linear and gqa_groups(layer, group) >= 1
     return hasattr(prev, "weight") and prev.weight.shape[0] == members[0].in_features
 
 
 @torch.no_grad()
 def fold_scales(layer: nn.Module, group: LinearGroup, s: Tensor) -> None:
-    """Divide the group's input channels by s (in `prev`) and multiply the linears' columns by s."""
+    """Divide the group's input channels by s (in `prev`) and multiply the linears' columns by s.
+    `s` has one entry per input channel of the group's linears (tied by `tie_gqa` under
+    grouped-query attention; prev then divides each v channel by its shared value)."""
     prev = layer.get_submodule(group.prev)
     if isinstance(prev, nn.Linear):
-        prev.weight.div_(s.to(prev.weight.dtype)[:, None])
+        g = gqa_groups(layer, group)
+        s_prev = s
+        if g > 1:
+            d = layer.get_submodule("self_attn").head_dim
+            s_prev = s.view(-1, g, d)[:, 0, :].reshape(-1)
+        prev.weight.div_(s_prev.to(prev.weight.dtype)[:, None])
         if prev.bias is not None:
-            prev.bias.div_(s.to(prev.bias.dtype))
+            prev.bias.div_(s_prev.to(prev.bias.dtype))
     else:  # RMSNorm: y = weight * normalized(x)
         prev.weight.div_(s.to(prev.weight.dtype))
     for name in group.linears:

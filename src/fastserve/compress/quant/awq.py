@@ -8,9 +8,10 @@ before rounding (and the activations down, folded into the op before them), then
 e.g. down_proj's in_features differs from gate/up's); each linear is fake-quantized and clipped
 with its own scheme, also inside a group's joint scale search.
 
-Scale search, per linear group of the layer (q/k/v after input_layernorm, o after v when the
-channel counts match (no grouped-query attention), gate/up after post_attention_layernorm, down
-after up), with x the group's calibration input and m_j = mean |x_j|:
+Scale search, per linear group of the layer (q/k/v after input_layernorm; o after v, under
+grouped-query attention with the scales of the o channels that read one v channel tied by
+`tie_gqa`; gate/up after post_attention_layernorm; down after up), with x the group's
+calibration input and m_j = mean |x_j|:
     for alpha in 0, 1/20, ..., 19/20:  s = m^alpha / sqrt(max(m^alpha) min(m^alpha))
         W' = Q(W s) / s for the group's quantized linears      (Q = RTN of the scheme)
         loss = || module(x; W') - module(x; W) ||^2    module = the attention, the MLP, o or down
@@ -31,7 +32,14 @@ import torch
 from torch import Tensor, nn
 
 from fastserve.compress.calibration import capture_inputs
-from fastserve.compress.quant import LAYER_GROUPS, Schemes, can_fold, fold_scales, scheme_of
+from fastserve.compress.quant import (
+    LAYER_GROUPS,
+    Schemes,
+    can_fold,
+    fold_scales,
+    scheme_of,
+    tie_gqa,
+)
 from fastserve.model.quantized import QuantLinear, QuantScheme, fake_quantize, replace_linear
 
 _NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")
@@ -68,7 +76,7 @@ def awq_scale_layer(
             part = x.abs().double().sum(dim=0)
             x_abs_sum = part if x_abs_sum is None else x_abs_sum + part
             count += x.shape[0]
-        x_mean = (x_abs_sum / count).float()
+        x_mean = tie_gqa(layer, group, (x_abs_sum / count).float())
         y_ref = [module(*args) for args in calls]
         linears = [layer.get_submodule(n) for n in quantized]
         schemes = [scheme_of(scheme, n) for n in quantized]
