@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 import re
 import signal
 import socket
@@ -14,36 +13,14 @@ from pathlib import Path
 
 import httpx
 
+from tiny_models import save_tiny_model_dir
+
 CONTEXT_LEN = 2048  # the tiny model's max_position_embeddings
 
 
 def make_model_dir(path: Path) -> Path:
-    """A ~100K-parameter Llama with a trained BPE tokenizer (random weights, peaked logits)."""
-    from fastserve.data.tokenizer import Tokenizer
-    from fastserve.model import LlamaForCausalLM, ModelConfig, save_model
-
-    rng = random.Random(0)
-    words = "the cat sat on a mat while server tokens queue blocks cache model".split()
-    texts = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(200)]
-    tokenizer = Tokenizer.train(texts, vocab_size=300)
-    config = ModelConfig.preset(
-        "tiny",
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=CONTEXT_LEN,
-        initializer_range=0.2,  # peaked logits: greedy ties between paths are practically absent
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
-    model.init_weights(seed=1)
-    save_model(model, path, tokenizer=tokenizer)
-    return path
+    """The tests' tiny model (tests/tiny_models.py) with a long context for long generations."""
+    return save_tiny_model_dir(path, max_position_embeddings=CONTEXT_LEN)
 
 
 def free_port() -> int:

@@ -24,6 +24,7 @@ from fastserve.model import (
     save_model,
 )
 from fastserve.model.kernels import select_path
+from tiny_models import tiny_model, tiny_tokenizer
 
 W4 = QuantScheme(bits=4, group_size=32)
 W3A = QuantScheme(bits=3, group_size=32, symmetric=False)
@@ -54,28 +55,8 @@ EXTRA = {"method": "rtn", "bits": 4, "group_size": 32, "ignore": ["lm_head"], "r
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
     """(in-memory quantized model, its saved dir) for a ~100K-param model with a tokenizer."""
-    from fastserve.data.tokenizer import Tokenizer
-
-    rng = random.Random(0)
-    words = "the cat sat on a mat while packed int4 weights feed the kernel cache".split()
-    texts = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(200)]
-    tokenizer = Tokenizer.train(texts, vocab_size=300)
-    config = ModelConfig.preset(
-        "tiny",
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=128,
-        initializer_range=0.2,  # peaked logits: greedy ties between paths are practically absent
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
-    model.init_weights(seed=1)
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer)
     quantize_model(model, SCHEMES)
     model.eval()
     path = tmp_path_factory.mktemp("quant") / "model"
