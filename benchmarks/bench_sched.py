@@ -98,7 +98,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = make_model_dir(args.preset, Path(tmp), max_position_embeddings=4096)
         probe = LLMEngine.from_model_dir(str(path), EngineConfig(policy="fcfs"))
-        cost = StepCost.from_estimate(probe.runner.profile())
+        cost = StepCost.from_estimate(probe.runner.profile(long_context_len=1024))
         num_blocks, num_host_blocks = probe.kv.num_blocks, probe.kv.num_host_blocks
         del probe
         base = pareto_workload(args.num_requests, None, args.seed, max_output=args.max_output)

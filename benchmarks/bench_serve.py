@@ -140,7 +140,7 @@ def main() -> None:
         path = make_served_dir(args.preset, tmp)
         if not args.skip_sched:
             probe = LLMEngine.from_model_dir(str(path), EngineConfig(policy="fcfs"))
-            cost = StepCost.from_estimate(probe.runner.profile())
+            cost = StepCost.from_estimate(probe.runner.profile(long_context_len=1024))
             del probe
             base = pareto_workload(args.num_requests, None, args.seed, max_output=args.max_output)
             cap = capacity_rps(base, cost, args.max_num_seqs)

@@ -3,12 +3,12 @@
     python benchmarks/sim_sched.py [--num-requests 10000] [--loads 0.5,0.7,0.8,0.85,0.9,0.95]
                                    [--cost cost.json | --preset small] [--max-num-seqs 8]
 
-The simulator (fastserve.engine.simulator) runs the engine's own scheduler and KV-cache manager
-on a simulated clock; each step costs what the cost model fitted to this machine's profile of the
-model says (`StepCost.from_estimate(runner.profile())`, or a JSON file with the four StepCost
-fields). Two workloads, the same for both policies: prompts uniform in 16..128 tokens, outputs
-Pareto (shape 1.1, scale 8) capped at 300 tokens ("short tail") or at 2000 tokens ("long tail",
-ShareGPT-like: most answers short, a few very long); Poisson arrivals (or gamma with
+The simulator (fastserve.engine.simulator) runs the engine's own scheduler and KV-cache manager on
+a simulated clock; each step costs what the cost model fitted to this machine's profile of the
+model says (`StepCost.from_estimate(runner.profile(long_context_len=1024))`, or a JSON file with
+the StepCost fields). Two workloads, the same for both policies: prompts uniform in 16..128 tokens,
+outputs Pareto (shape 1.1, scale 8) capped at 300 tokens ("short tail") or at 2000 tokens ("long
+tail", ShareGPT-like: most answers short, a few very long); Poisson arrivals (or gamma with
 --burstiness) at each load = arrival rate / full-batch capacity (`simulator.capacity_rps`).
 Prints mean / p95 / p99 JCT and mean TTFT of both policies and the mlfq / fcfs ratios, and writes
 results.json under --out.
@@ -36,7 +36,7 @@ def profiled_cost(preset: str) -> StepCost:
     with tempfile.TemporaryDirectory() as tmp:
         path = make_model_dir(preset, Path(tmp))
         engine = LLMEngine.from_model_dir(str(path), EngineConfig(policy="fcfs"))
-        return StepCost.from_estimate(engine.runner.profile())
+        return StepCost.from_estimate(engine.runner.profile(long_context_len=1024))
 
 
 def main() -> None:

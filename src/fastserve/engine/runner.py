@@ -276,12 +276,13 @@ class ModelRunner:
         prefill_sizes: tuple[int, ...] = (32, 128, 256),
         decode_batch_sizes: tuple[int, ...] = (1, 8, 32),
         context_len: int = 64,
-        long_context_len: int = 1024,
+        long_context_len: int | None = None,
         repeats: int = 3,
     ) -> CostEstimate:
         """Time prefills of a few sizes, decode steps at a few batch sizes (contexts of
-        `context_len`), and a batch of 8 decodes over contexts of `long_context_len` (what
-        attention over long contexts adds per context token).
+        `context_len`) and, when `long_context_len` is given, a batch of 8 decodes over contexts
+        that long (what attention over long contexts adds per context token: the simulator's
+        cost model needs it, the scheduler's does not, so engine start-up skips it).
 
         Writes garbage K/V into the pool's blocks: call it before serving. Sizes are capped by
         the model's context and the block pool.
@@ -304,8 +305,10 @@ class ModelRunner:
 
         ctx = max(1, min(context_len, capacity))
         decode_s = {b: self._time(decode_batch(b, ctx), repeats) for b in decode_batch_sizes}
-        long_ctx = max(1, min(long_context_len, capacity))
-        long_s = {long_ctx: self._time(decode_batch(8, long_ctx), repeats)}
+        long_s = {}
+        if long_context_len is not None:
+            long_ctx = max(1, min(long_context_len, capacity))
+            long_s[long_ctx] = self._time(decode_batch(8, long_ctx), repeats)
         return CostEstimate(
             context_len=ctx,
             decode8_s_by_context=long_s,

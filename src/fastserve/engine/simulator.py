@@ -1,7 +1,7 @@
 """Discrete-event simulation of the engine's scheduler: the real `Scheduler` and `KVCacheManager`
 driven by a simulated clock, with step times from a cost model instead of a model.
 
-    cost = StepCost.from_estimate(runner.profile())      # or StepCost(0.004, 0.0002, 0.00005)
+    cost = StepCost.from_estimate(runner.profile(long_context_len=1024))  # or StepCost(...)
     jobs = [SimJob(arrival_s=0.1 * i, prompt_len=64, output_len=20) for i in range(10_000)]
     result = simulate(jobs, SchedulerConfig(policy="mlfq", max_num_seqs=8), cost, num_blocks=4096)
     result.jct_s            # per job, in job order
@@ -82,8 +82,9 @@ class StepCost:
     def from_estimate(cls, estimate, per_swap_block_s: float = 0.0) -> StepCost:
         """Least-squares fit of (1, rows, tokens, context tokens) to a runner's `CostEstimate`:
         single-request prefills of several sizes (context = the prompt), decode steps of several
-        batch sizes at one context length, and 8 decodes over long contexts. Negative
-        coefficients (noise) are clipped to 0."""
+        batch sizes at one context length, and 8 decodes over long contexts (profile with
+        `long_context_len`; without them the context cost cannot be told apart from the rest
+        and is left at 0). Negative coefficients (noise) are clipped to 0."""
         import torch
 
         rows, times = [], []
@@ -98,8 +99,11 @@ class StepCost:
             rows.append([1.0, 8.0, 8.0, float(8 * c)])
             times.append(t)
         a = torch.tensor(rows, dtype=torch.float64)
+        if not getattr(estimate, "decode8_s_by_context", None):
+            a = a[:, :3]  # no context-length variation: fit without that term
         y = torch.tensor(times, dtype=torch.float64).unsqueeze(1)
         coef = torch.linalg.lstsq(a, y).solution.squeeze(1).clamp_min(0).tolist()
+        coef += [0.0] * (4 - len(coef))
         return cls(coef[0], coef[1], coef[2], coef[3], per_swap_block_s)
 
 
