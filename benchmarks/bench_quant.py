@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -153,6 +154,13 @@ def main() -> None:
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows (all)")
     p.add_argument("--num-samples", type=int, default=128, help="calibration samples (128)")
     p.add_argument("--seq-len", type=int, default=512, help="calibration tokens/sample (512)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="calibration seeds per calibrated row (GPTQ, AWQ, SmoothQuant): the table shows "
+        "their means, a second table each seed's perplexity change against RTN's (1)",
+    )
     p.add_argument("--block-size", type=int, default=256, help="eval window tokens (256)")
     p.add_argument("--eval-tokens", type=int, default=65536, help="val tokens evaluated (65536)")
     p.add_argument("--speed", action="store_true", help="also measure decode tokens/s")
@@ -169,6 +177,8 @@ def main() -> None:
     args = p.parse_args()
 
     from fastserve.compress import compress
+    from fastserve.compress.compressor import needs_calibration
+    from fastserve.compress.recipe import Recipe
     from fastserve.model import load_model, save_model
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-quant-"))
@@ -193,14 +203,20 @@ def main() -> None:
             continue
         if row == "bf16":
             save_model(load_model(model_dir, dtype=torch.bfloat16), work / "bf16")
-            out, quant_s = work / "bf16", None
-        else:
-            seq_len = min(args.seq_len, args.block_size * 2)
-            res = compress(model_dir, row, data, work / row, args.num_samples, seq_len)
-            out, quant_s = work / row, res.time_s
-        q = quality(load_model(out), windows, ref["logprobs"])
-        table[row] = {"bytes": dir_bytes(out), "quant_s": quant_s, **q}
-        print(f"{row}: ppl {q['ppl']:.3f}, KL {q['kl_mean']:.4f}", flush=True)
+            out = work / "bf16"
+            q = quality(load_model(out), windows, ref["logprobs"])
+            table[row] = {"bytes": dir_bytes(out), "quant_s": None, **q}
+            continue
+        seq_len = min(args.seq_len, args.block_size * 2)
+        seeds = range(args.seeds) if needs_calibration(Recipe.preset(row)) else range(1)
+        runs = []
+        for seed in seeds:
+            res = compress(model_dir, row, data, work / row, args.num_samples, seq_len, seed=seed)
+            q = quality(load_model(work / row), windows, ref["logprobs"])
+            runs.append({"quant_s": res.time_s, **q})
+            print(f"{row} seed {seed}: ppl {q['ppl']:.3f}, KL {q['kl_mean']:.4f}", flush=True)
+        table[row] = {"bytes": dir_bytes(work / row), "runs": runs}
+        table[row].update({k: statistics.mean(r[k] for r in runs) for k in runs[0]})
 
     rest = getattr(torch, args.speed_dtype)
     speed = speed_rows(args.speed_preset, args.decode_steps, work, rest) if args.speed else {}
@@ -226,6 +242,25 @@ def main() -> None:
         print(
             f"| {row} | {t['bytes']:,} | {t['ppl']:.3f} | {d_ppl:+.2f}% | {kl} "
             f"| {b1} | {b16} | {qs} |"
+        )
+    ratio_rows = [r for r in rows if r.startswith("w4a16-") and "runs" in table[r]]
+    if "w4a16" in table and ratio_rows:
+        print_ratios(table, ratio_rows, "w4a16", base_ppl)
+
+
+def print_ratios(table: dict, rows: list[str], rtn: str, base_ppl: float) -> None:
+    """Each calibrated int4 row's perplexity increase and mean KL as a share of RTN's, per
+    seed: a perplexity change this small moves with which weights happened to round which way."""
+    rtn_d = table[rtn]["ppl"] / base_ppl - 1
+    rtn_kl = table[rtn]["kl_mean"]
+    print(f"\n| row | d ppl / {rtn}'s, per seed | mean | KL mean / {rtn}'s, per seed | mean |")
+    print("| --- | --- | ---: | --- | ---: |")
+    for row in rows:
+        d = [(r["ppl"] / base_ppl - 1) / rtn_d for r in table[row]["runs"]]
+        kl = [r["kl_mean"] / rtn_kl for r in table[row]["runs"]]
+        print(
+            f"| {row} | {', '.join(f'{v:.2f}' for v in d)} | {statistics.mean(d):.2f}x "
+            f"| {', '.join(f'{v:.2f}' for v in kl)} | {statistics.mean(kl):.2f}x |"
         )
 
 

@@ -7,6 +7,8 @@ leave a float64 model's logits unchanged.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from compress_helpers import tiny_model, tiny_texts
 
@@ -183,3 +185,83 @@ def test_clip_search_never_worse_than_no_clipping():
     err_clip = _out_err(w, fake_quantize(clipped, scheme), x[:512])
     err_rtn = _out_err(w, fake_quantize(w, scheme), x[:512])
     assert err_clip <= err_rtn
+
+
+def _brute_force_clip(w, x, scheme, clip_grid=20, max_shrink=0.5):
+    """clip_weight's search written out one (row, group) and one range at a time."""
+    g = scheme.group_size
+    steps = [1 - i / clip_grid for i in range(int(max_shrink * clip_grid))]
+    out = w.clone()
+    for r in range(w.shape[0]):
+        for c0 in range(0, w.shape[1], g):
+            wg, xg = w[r, c0 : c0 + g], x[:, c0 : c0 + g]
+            if scheme.symmetric:
+                ranges = [(wg.abs().max() * f, -wg.abs().max() * f) for f in steps]
+            else:
+                ranges = [(wg.max() * f, wg.min() * e) for f in steps for e in steps]
+            best = None
+            for hi, lo in ranges:
+                wc = wg.clamp(min=lo, max=hi)
+                q = fake_quantize(wc[None], QuantScheme(scheme.bits, None, scheme.symmetric))[0]
+                err = float((xg @ (q - wg)).pow(2).mean())
+                if best is None or err < best[0]:
+                    best = (err, wc)
+            out[r, c0 : c0 + g] = best[1]
+    return out
+
+
+def _group_errs(w, wc, x, scheme):
+    q = fake_quantize(wc, scheme)
+    g = scheme.group_size
+    xg, dg = x.reshape(x.shape[0], -1, g), (q - w).reshape(w.shape[0], -1, g)
+    return torch.einsum("ngk,rgk->nrg", xg, dg).pow(2).mean(0)
+
+
+def test_clip_search_equals_brute_force_and_asymmetric_ranges_are_lopsided():
+    w, x = _layer_inputs("mlp.down_proj")
+    w, x = w[:6].double(), x[:300].double()
+    for symmetric in (True, False):
+        scheme = QuantScheme(4, 64, symmetric)
+        got = clip_weight(w, x, scheme, rows_per_chunk=4)
+        want = _brute_force_clip(w, x, scheme)
+        # the same optimum per (row, group): equal errors (a near-tie may pick either range)
+        torch.testing.assert_close(_group_errs(w, got, x, scheme), _group_errs(w, want, x, scheme))
+        assert torch.isclose(got, want, rtol=1e-5, atol=1e-7).float().mean() > 0.99
+        if symmetric:
+            continue
+        # some groups keep one end whole and shrink the other: a shared bound could not do that
+        wg, gg = w.reshape(6, -1, 64), got.reshape(6, -1, 64)
+        hi_kept = torch.isclose(gg.amax(-1), wg.amax(-1))
+        lo_kept = torch.isclose(gg.amin(-1), wg.amin(-1))
+        assert bool((hi_kept ^ lo_kept).any())
+
+
+def test_awq_scale_search_never_worse_than_rtn_on_its_calibration():
+    """s = 1 is always a candidate, so with duo scaling (whose alpha = 0 is not s = 1) the chosen
+    scales give at most RTN's MLP output error on the inputs searched."""
+    model, ids = _float64_model_and_ids()
+    walker = LayerWalker(model, ids)
+    layer = walker.layer(0)
+    scheme = QuantScheme(4, 32, False)
+
+    def mlp_inputs():
+        xs = []
+        with capture_inputs({"mlp": layer.mlp}, lambda _n, a: xs.append(a[0])):
+            walker.run_all(layer)
+        return torch.cat(xs)
+
+    def quantized_mlp_err(x, x_ref, ref_mlp):
+        mlp = copy.deepcopy(layer.mlp)
+        with torch.no_grad():
+            for lin in (mlp.gate_proj, mlp.up_proj):
+                lin.weight.copy_(fake_quantize(lin.weight, scheme))
+            return float((mlp(x) - ref_mlp(x_ref)).pow(2).sum())
+
+    x0, ref_mlp = mlp_inputs(), copy.deepcopy(layer.mlp)
+    err_rtn = quantized_mlp_err(x0, x0, ref_mlp)
+    targets = ["mlp.gate_proj", "mlp.up_proj"]
+    # num_grid=1: the grid holds only alpha = 0, s = 1 / mean|w| (a weight-only scale)
+    scales = awq_scale_layer(layer, lambda: walker.run_all(layer), targets, scheme, num_grid=1)
+    x1 = mlp_inputs()
+    torch.testing.assert_close(x1 * scales["post_attention_layernorm"], x0)
+    assert quantized_mlp_err(x1, x0, ref_mlp) <= err_rtn * (1 + 1e-9)

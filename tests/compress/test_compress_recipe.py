@@ -85,6 +85,7 @@ def test_bad_recipes_name_the_problem(meta_model):
     assert "unknown parameter(s) bitz" in msg and "bits" in msg
     assert "bits must be one of" in _error({"modifiers": [{"type": "RTN", "bits": 5}]})
     assert "alpha" in _error({"modifiers": [{"type": "SmoothQuant", "alpha": 2}, {"type": "RTN"}]})
+    assert "duo_scaling must be" in _error({"modifiers": [{"type": "AWQ", "duo_scaling": 1}]})
     assert "quantizes nothing" in _error({"modifiers": [{"type": "SmoothQuant"}]})
     assert "non-empty list" in _error({"modifiers": []})
     msg = _error({"modifiers": [{"type": "RTN", "bits": 4, "group_size": 96}]}, meta_model)

@@ -119,7 +119,7 @@ def _apply_modifier(
     if isinstance(mod, SmoothQuantModifier):
         smooth_layer(layer, run, names, mod.alpha)
     elif isinstance(mod, AWQModifier):
-        awq_scale_layer(layer, run, names, targets, mod.num_grid)
+        awq_scale_layer(layer, run, names, targets, mod.num_grid, mod.duo_scaling)
         awq_quantize_layer(
             layer,
             run,

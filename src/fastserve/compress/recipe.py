@@ -156,6 +156,7 @@ class AWQModifier(QuantModifier):
     """AWQ (Lin et al. 2023): activation-aware per-channel scales, clipping search, then RTN."""
 
     num_grid: int = 20  # alpha = i / num_grid for i < num_grid: the scale exponent grid
+    duo_scaling: bool = True  # s = mean|x|^alpha / mean|w|^(1-alpha) (False: mean|x|^alpha)
     clip: bool = True  # search a per-(row, group) clipping ratio by output error
     clip_grid: int = 20  # clipping ratios 1 - i / clip_grid ...
     max_shrink: float = 0.5  # ... down to 1 - max_shrink
@@ -166,6 +167,7 @@ class AWQModifier(QuantModifier):
     def validate(self) -> None:
         super().validate()
         _check_int(self.num_grid, "num_grid", 1)
+        _check_bool(self.duo_scaling, "duo_scaling")
         _check_bool(self.clip, "clip")
         _check_int(self.clip_grid, "clip_grid", 1)
         _check_float(self.max_shrink, "max_shrink", 0.0, 1.0)

@@ -11,15 +11,20 @@ with its own scheme, also inside a group's joint scale search.
 Scale search, per linear group of the layer (q/k/v after input_layernorm; o after v, under
 grouped-query attention with the scales of the o channels that read one v channel tied by
 `tie_gqa`; gate/up after post_attention_layernorm; down after up), with x the group's
-calibration input and m_j = mean |x_j|:
-    for alpha in 0, 1/20, ..., 19/20:  s = m^alpha / sqrt(max(m^alpha) min(m^alpha))
+calibration input, m_j = mean |x_j| and (duo scaling, the default of AutoAWQ and llm-compressor)
+w_j = the mean over the group's rows of |W_rj| / max |W_r,group(j)|:
+    for alpha in 0, 1/20, ..., 19/20:  t = m^alpha / (w^(1 - alpha) + 1e-4)   (t = m^alpha without
+                                       duo scaling);  s = t / sqrt(max(t) min(t))
         W' = Q(W s) / s for the group's quantized linears      (Q = RTN of the scheme)
         loss = || module(x; W') - module(x; W) ||^2    module = the attention, the MLP, o or down
-    keep the best s (alpha = 0 is s = 1, so the search never does worse than plain RTN on x) and
-    fold it: prev op's output channels / s, the group's columns * s.
+    keep the best s (s = 1 is tried first, so the search never does worse than plain RTN on x)
+    and fold it: prev op's output channels / s, the group's columns * s.
 Clip search, per quantized linear except q/k (attention scores are sensitive to their clipping):
-for each (row, group) try max |w| * (1 - i / clip_grid), i < max_shrink * clip_grid; keep the one
-with the least error of that group's partial output on up to clip_max_tokens calibration tokens.
+for each (row, group) keep the clipping range with the least error of that group's partial output
+on up to clip_max_tokens calibration tokens. Symmetric schemes try [-c, c] for c = max |w| *
+(1 - i / clip_grid), i < max_shrink * clip_grid (AutoAWQ's search). Asymmetric schemes shrink the
+two ends separately, [min w * (1 - j / clip_grid), max w * (1 - i / clip_grid)] over the same i, j
+grid: their zero point lets a group's range be lopsided, and a shared c clips only its larger side.
 
 What it does not know: recipes, the layer walk (it gets `run()`, one calibration pass).
 """
@@ -60,6 +65,7 @@ def awq_scale_layer(
     targets: list[str],
     scheme: Schemes,
     num_grid: int = 20,
+    duo_scaling: bool = True,
 ) -> dict[str, Tensor]:
     """Search and fold AWQ scales for every group of `layer` holding a target (module
     docstring); weights stay float. Returns {group prev: s} for the groups scaled."""
@@ -81,11 +87,10 @@ def awq_scale_layer(
         linears = [layer.get_submodule(n) for n in quantized]
         schemes = [scheme_of(scheme, n) for n in quantized]
         originals = [lin.weight.detach().clone() for lin in linears]
+        w_mean = _weight_mean(layer, group, originals, schemes) if duo_scaling else None
 
         best_loss, best_s = float("inf"), torch.ones_like(x_mean)
-        for i in range(num_grid):
-            s = x_mean.pow(i / num_grid).clamp(min=1e-4)
-            s = s / (s.max() * s.min()).sqrt()
+        for s in _candidates(x_mean, w_mean, num_grid):
             for lin, w, sch in zip(linears, originals, schemes):
                 sw = s.to(w.dtype)[None, :]
                 lin.weight.copy_(fake_quantize(w * sw, sch) / sw)
@@ -97,6 +102,31 @@ def awq_scale_layer(
         fold_scales(layer, group, best_s)
         result[group.prev] = best_s
     return result
+
+
+def _candidates(x_mean: Tensor, w_mean: Tensor | None, num_grid: int):
+    """The scales tried: s = 1 (plain RTN) first, then one per alpha of the grid."""
+    yield torch.ones_like(x_mean)
+    for i in range(1 if w_mean is None else 0, num_grid):  # without duo, alpha = 0 is s = 1
+        alpha = i / num_grid
+        s = x_mean.pow(alpha)
+        if w_mean is not None:
+            s = s / (w_mean.pow(1 - alpha) + 1e-4)
+        s = s.clamp(min=1e-4)
+        yield s / (s.max() * s.min()).sqrt()
+
+
+def _weight_mean(
+    layer: nn.Module, group, weights: list[Tensor], schemes: list[QuantScheme]
+) -> Tensor:
+    """Per input channel: the mean over the group's rows of |W| relative to its (row, group)
+    max, the weight side of duo scaling (tied like x_mean under grouped-query attention)."""
+    rel = []
+    for w, sch in zip(weights, schemes):
+        g = sch.group_size or w.shape[1]
+        a = w.abs().float().reshape(-1, g)
+        rel.append((a / (a.amax(dim=1, keepdim=True) + 1e-6)).reshape(w.shape))
+    return tie_gqa(layer, group, torch.cat(rel).mean(dim=0))
 
 
 def _evenly(x: Tensor, max_tokens: int) -> Tensor:
@@ -116,29 +146,35 @@ def clip_weight(
     max_shrink: float = 0.5,
     rows_per_chunk: int = 64,
 ) -> Tensor:
-    """w [out, in] clamped per (row, group) to the max-|w| ratio whose fake-quantized group gives
-    the least squared error of x_g @ w_g^T over the tokens x [n, in]."""
+    """w [out, in] clamped per (row, group) to the range whose fake-quantized group gives the
+    least squared error of x_g @ w_g^T over the tokens x [n, in] (module docstring: symmetric
+    schemes shrink [-max|w|, max|w|], asymmetric ones each end of [min w, max w] on its own)."""
     out_features, in_features = w.shape
     g = scheme.group_size or in_features
     n_groups = in_features // g
     xg = x.float().reshape(-1, n_groups, g)  # [n, G, g]
+    steps = [1 - i / clip_grid for i in range(max(1, int(max_shrink * clip_grid)))]
     result = w.detach().clone()
     for r0 in range(0, out_features, rows_per_chunk):
         wr = w[r0 : r0 + rows_per_chunk].float()  # [R, in]
         wg = wr.reshape(-1, n_groups, g)  # [R, G, g]
         ref = torch.einsum("ngk,rgk->nrg", xg, wg)
-        max_abs = wg.abs().amax(dim=-1, keepdim=True)  # [R, G, 1]
-        best_err = torch.full(max_abs.shape[:2], float("inf"), device=w.device)
-        best_max = max_abs.clone()
-        for i in range(max(1, int(max_shrink * clip_grid))):
-            limit = max_abs * (1 - i / clip_grid)
-            wc = torch.maximum(torch.minimum(wg, limit), -limit).reshape(wr.shape)
+        if scheme.symmetric:
+            hi0 = wg.abs().amax(dim=-1, keepdim=True)  # [R, G, 1]
+            ranges = [(hi0 * f, -hi0 * f) for f in steps]
+        else:
+            hi0, lo0 = wg.amax(dim=-1, keepdim=True), wg.amin(dim=-1, keepdim=True)
+            ranges = [(hi0 * f, lo0 * e) for f in steps for e in steps]
+        best_err = torch.full(hi0.shape[:2], float("inf"), device=w.device)
+        best_hi, best_lo = ranges[0]
+        for hi, lo in ranges:
+            wc = torch.maximum(torch.minimum(wg, hi), lo).reshape(wr.shape)
             wq = fake_quantize(wc, scheme).reshape(wg.shape)
             err = (torch.einsum("ngk,rgk->nrg", xg, wq) - ref).pow(2).mean(dim=0)  # [R, G]
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_max = torch.where(better[..., None], limit, best_max)
-        clipped = torch.maximum(torch.minimum(wg, best_max), -best_max).reshape(wr.shape)
+            better = (err < best_err)[..., None]
+            best_err = torch.where(better[..., 0], err, best_err)
+            best_hi, best_lo = torch.where(better, hi, best_hi), torch.where(better, lo, best_lo)
+        clipped = torch.maximum(torch.minimum(wg, best_hi), best_lo).reshape(wr.shape)
         result[r0 : r0 + rows_per_chunk] = clipped.to(w.dtype)
     return result
 
