@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -116,3 +118,21 @@ def test_load_preset_file_or_error(tmp_path):
     path.write_text("modifiers: [unclosed\n")
     with pytest.raises(ConfigError, match="cannot read recipe"):
         Recipe.load(path)
+
+
+def test_example_recipes_load_and_match_the_presets_they_name(meta_model):
+    examples = sorted((Path(__file__).parents[2] / "examples" / "recipes").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        recipe = Recipe.load(path)
+        recipe.resolve(meta_model)
+        if path.stem in PRESETS:  # "Same as `--recipe <stem>`": same modifiers, same plan
+            preset = Recipe.preset(path.stem)
+            mods = [
+                {k: v for k, v in m.to_dict().items() if k != "ignore"} for m in recipe.modifiers
+            ]
+            want = [
+                {k: v for k, v in m.to_dict().items() if k != "ignore"} for m in preset.modifiers
+            ]
+            assert mods == want, path.name
+            assert recipe.resolve(meta_model) == preset.resolve(meta_model), path.name

@@ -31,7 +31,7 @@ What it does not know: recipes, the layer walk (it gets `run()`, one calibration
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from fastserve.compress.calibration import capture_inputs
 from fastserve.compress.quant import (
     LAYER_GROUPS,
+    LinearGroup,
     Schemes,
     can_fold,
     fold_scales,
@@ -104,7 +105,7 @@ def awq_scale_layer(
     return result
 
 
-def _candidates(x_mean: Tensor, w_mean: Tensor | None, num_grid: int):
+def _candidates(x_mean: Tensor, w_mean: Tensor | None, num_grid: int) -> Iterator[Tensor]:
     """The scales tried: s = 1 (plain RTN) first, then one per alpha of the grid."""
     yield torch.ones_like(x_mean)
     for i in range(1 if w_mean is None else 0, num_grid):  # without duo, alpha = 0 is s = 1
@@ -117,7 +118,7 @@ def _candidates(x_mean: Tensor, w_mean: Tensor | None, num_grid: int):
 
 
 def _weight_mean(
-    layer: nn.Module, group, weights: list[Tensor], schemes: list[QuantScheme]
+    layer: nn.Module, group: LinearGroup, weights: list[Tensor], schemes: list[QuantScheme]
 ) -> Tensor:
     """Per input channel: the mean over the group's rows of |W| relative to its (row, group)
     max, the weight side of duo scaling (tied like x_mean under grouped-query attention)."""
