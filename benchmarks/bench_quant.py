@@ -12,6 +12,9 @@ against the fp32 model on the same windows:
   KL mean / KL p99   per-token KL(p_fp32 || p_row) in nats (llama.cpp's statistics)
   top-1      share of positions where the row's most likely token is fp32's
   quant s    wall time of compress() (calibration on the train split of --data)
+With --seeds N the calibrated rows (GPTQ, AWQ, W8A8's SmoothQuant) are compressed N times with
+different calibration windows and show means; a second table gives each seed's perplexity increase
+and mean KL as a share of RTN's (w4a16), since at these sizes a single perplexity change is noisy.
 Speed columns (--speed): decode tokens/s at batch 1 and 16 (prefill 32 tokens, then --decode-steps
 greedy steps with the KV cache), on a random-initialised model of --speed-preset (base: >= 100 MB
 fp32 weights, so decode is memory-bound). The MLP width of the speed and --train-preset models is
