@@ -198,7 +198,8 @@ def _brute_force_clip(w, x, scheme, clip_grid=20, max_shrink=0.5):
             if scheme.symmetric:
                 ranges = [(wg.abs().max() * f, -wg.abs().max() * f) for f in steps]
             else:
-                ranges = [(wg.max() * f, wg.min() * e) for f in steps for e in steps]
+                hi0, lo0 = wg.max().clamp(min=0), wg.min().clamp(max=0)
+                ranges = [(hi0 * f, lo0 * e) for f in steps for e in steps]
             best = None
             for hi, lo in ranges:
                 wc = wg.clamp(min=lo, max=hi)

@@ -23,8 +23,9 @@ Clip search, per quantized linear except q/k (attention scores are sensitive to 
 for each (row, group) keep the clipping range with the least error of that group's partial output
 on up to clip_max_tokens calibration tokens. Symmetric schemes try [-c, c] for c = max |w| *
 (1 - i / clip_grid), i < max_shrink * clip_grid (AutoAWQ's search). Asymmetric schemes shrink the
-two ends separately, [min w * (1 - j / clip_grid), max w * (1 - i / clip_grid)] over the same i, j
-grid: their zero point lets a group's range be lopsided, and a shared c clips only its larger side.
+two ends separately, [lo * (1 - j / clip_grid), hi * (1 - i / clip_grid)] over the same i, j grid
+(lo = min(min w, 0), hi = max(max w, 0): the quantizer's range, which holds 0): their zero point
+lets a group's range be lopsided, and a shared c clips only its larger side.
 
 What it does not know: recipes, the layer walk (it gets `run()`, one calibration pass).
 """
@@ -164,7 +165,9 @@ def clip_weight(
             hi0 = wg.abs().amax(dim=-1, keepdim=True)  # [R, G, 1]
             ranges = [(hi0 * f, -hi0 * f) for f in steps]
         else:
-            hi0, lo0 = wg.amax(dim=-1, keepdim=True), wg.amin(dim=-1, keepdim=True)
+            # the quantizer's range always holds 0 (compute_qparams): shrink its ends toward it
+            hi0 = wg.amax(dim=-1, keepdim=True).clamp(min=0.0)
+            lo0 = wg.amin(dim=-1, keepdim=True).clamp(max=0.0)
             ranges = [(hi0 * f, lo0 * e) for f in steps for e in steps]
         best_err = torch.full(hi0.shape[:2], float("inf"), device=w.device)
         best_hi, best_lo = ranges[0]
