@@ -12,22 +12,12 @@ import sys
 import pytest
 import torch
 import yaml
+from compress_helpers import assert_served_like
 
 from fastserve.compress import PRESETS, Recipe, compress
 from fastserve.errors import ConfigError, DataError
-from fastserve.generate import generate
-from fastserve.model import load_model
 
-PROMPTS = [[5, 17, 42, 8], [100, 3, 77, 12, 9, 61]]
 MAX_TOKENS = 12
-
-
-def _greedy_engine(path) -> list[list[int]]:
-    from fastserve import LLM, SamplingParams
-
-    llm = LLM(str(path), kv_cache_memory="8MiB")
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
-    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -53,14 +43,7 @@ def test_preset_end_to_end(preset, compress_model_dir, calib_file, tmp_path):
     saved = Recipe.from_dict(yaml.safe_load((out / "recipe.yaml").read_text()))
     assert saved.to_dict() == recipe.to_dict()
 
-    loaded = load_model(out)
-    ids = torch.tensor([PROMPTS[1]])
-    torch.testing.assert_close(loaded(ids), result.model(ids), rtol=0, atol=1e-5)
-    expected = [
-        generate(result.model, p, MAX_TOKENS, temperature=0.0, eos_token_id=None) for p in PROMPTS
-    ]
-    assert [generate(loaded, p, MAX_TOKENS, eos_token_id=None) for p in PROMPTS] == expected
-    assert _greedy_engine(out) == expected
+    assert_served_like(out, result.model, MAX_TOKENS)
 
 
 def test_w8a16_logits_close_to_float():

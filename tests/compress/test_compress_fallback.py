@@ -11,16 +11,15 @@ import json
 
 import pytest
 import torch
+from compress_helpers import assert_served_like
 
 from fastserve.compress import Recipe, compress, compress_model
 from fastserve.errors import ConfigError
-from fastserve.generate import generate
 from fastserve.model import load_model
 from fastserve.model.quantized import QuantLinear, QuantScheme
 
 FALLBACK_PRESETS = ["w4a16", "w4a16-gptq", "w4a16-awq", "w3a16-gptq"]
 DOWN_GROUP = {96: 32, 176: None}  # down_proj's group size after the fallback from 128
-PROMPTS = [[5, 17, 42, 8], [100, 3, 77, 12, 9, 61]]
 MAX_TOKENS = 10
 W4_YAML = "modifiers:\n  - type: GPTQ\n    bits: 4\n    group_size: {g}\n    symmetric: false\n"
 
@@ -124,14 +123,6 @@ def test_rtn_uses_the_fallback_scheme_and_logs_it(capsys):
     assert "group_size" not in capsys.readouterr().err
 
 
-def _greedy_engine(path) -> list[list[int]]:
-    from fastserve import LLM, SamplingParams
-
-    llm = LLM(str(path), kv_cache_memory="8MiB")
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
-    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
-
-
 @pytest.mark.parametrize("inter", list(DOWN_GROUP))
 @pytest.mark.parametrize("preset", FALLBACK_PRESETS)
 def test_preset_falls_back_end_to_end(preset, inter, fallback_dirs, calib_file, tmp_path):
@@ -155,13 +146,7 @@ def test_preset_falls_back_end_to_end(preset, inter, fallback_dirs, calib_file, 
     down = loaded.model.layers[1].mlp.down_proj
     assert down.scheme.group_size == DOWN_GROUP[inter]
     assert tuple(down.weight_scale.shape) == (64, inter // (DOWN_GROUP[inter] or inter))
-    ids = torch.tensor([PROMPTS[1]])
-    torch.testing.assert_close(loaded(ids), result.model(ids), rtol=0, atol=1e-5)
-    expected = [
-        generate(result.model, p, MAX_TOKENS, temperature=0.0, eos_token_id=None) for p in PROMPTS
-    ]
-    assert [generate(loaded, p, MAX_TOKENS, eos_token_id=None) for p in PROMPTS] == expected
-    assert _greedy_engine(out) == expected
+    assert_served_like(out, result.model, MAX_TOKENS, loaded)
 
 
 def test_explicit_recipe_without_flag_fails_before_writing(fallback_dirs, calib_file, tmp_path):

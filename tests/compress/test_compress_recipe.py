@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from compress_helpers import tiny_config
 
 from fastserve.compress.recipe import PRESETS, Recipe
 from fastserve.errors import ConfigError
@@ -15,20 +16,10 @@ from fastserve.model.quantized import QuantScheme
 
 @pytest.fixture(scope="module")
 def meta_model():
-    from fastserve.model import LlamaForCausalLM, ModelConfig
+    from fastserve.model import LlamaForCausalLM
 
-    config = ModelConfig.preset(
-        "tiny",
-        vocab_size=300,
-        hidden_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=256,
-        max_position_embeddings=128,
-    )
     with torch.device("meta"):
-        return LlamaForCausalLM(config)
+        return LlamaForCausalLM(tiny_config())
 
 
 def test_presets_resolve_and_round_trip_through_yaml(meta_model):
