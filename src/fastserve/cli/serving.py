@@ -176,7 +176,14 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 # EngineConfig's defaults, repeated so `--help` does not import torch (a test keeps them equal).
 SERVE_ENGINE_DEFAULTS = dict(
-    policy="mlfq", kv_cache_memory="1GiB", max_num_seqs=64, max_num_batched_tokens=512, device="cpu"
+    policy="mlfq",
+    kv_cache_memory="1GiB",
+    max_num_seqs=64,
+    max_num_batched_tokens=512,
+    block_size=16,
+    swap_space="512MiB",
+    preemption_mode="swap",
+    device="cpu",
 )
 
 
@@ -213,6 +220,27 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="longest prompt + output (default: the model's max_position_embeddings)",
+    )
+    p.add_argument(
+        "--block-size", type=int, default=d.block_size, help=f"tokens per KV block ({d.block_size})"
+    )
+    p.add_argument(
+        "--swap-space",
+        default=d.swap_space,
+        help=f"host-memory KV tier for swapped requests, e.g. 1GiB; 0 = none ({d.swap_space})",
+    )
+    p.add_argument(
+        "--preemption-mode",
+        choices=["swap", "recompute"],
+        default=d.preemption_mode,
+        help=f"what a preempted request loses: swap its KV to the host tier or recompute it "
+        f"(default {d.preemption_mode})",
+    )
+    p.add_argument(
+        "--no-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        help="do not share the KV of identical prompt prefixes between requests",
     )
     p.add_argument(
         "--max-queued-requests",
@@ -269,6 +297,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        swap_space=args.swap_space,
+        preemption_mode=args.preemption_mode,
+        enable_prefix_caching=args.enable_prefix_caching,
         device=args.device,
         dtype=args.dtype,
     )

@@ -78,6 +78,8 @@ class EngineStats:
     num_prompt_tokens: int  # computed prompt tokens, all requests so far
     num_generation_tokens: int  # sampled tokens, all requests so far
     num_preemptions: int
+    num_swap_outs: int  # requests moved to the host tier (preemption or proactive), so far
+    num_swap_ins: int  # requests brought back to the device, so far
     finished_by_reason: dict[str, int] = field(default_factory=dict)
 
 
@@ -351,6 +353,8 @@ class LLMEngine:
             num_prompt_tokens=self._counters["prompt"],
             num_generation_tokens=self._counters["generation"],
             num_preemptions=s.num_preemptions,
+            num_swap_outs=s.num_swap_outs,
+            num_swap_ins=s.num_swap_ins,
             finished_by_reason=dict(self._finished_by_reason),
         )
 

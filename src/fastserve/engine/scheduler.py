@@ -167,6 +167,8 @@ class Scheduler:
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self._finished: dict[str, str] = {}  # finished here since the last schedule() -> reason
         self.num_preemptions = 0  # preemptions so far (recompute or swap; not proactive swaps)
+        self.num_swap_outs = 0  # KV moves to the host tier (preemption or proactive)
+        self.num_swap_ins = 0  # requests whose KV came back to the device
         if config.policy == "mlfq":
             base = config.mlfq_base_quantum_s
             if base is None:
@@ -293,6 +295,7 @@ class Scheduler:
             step.out.swap_in += kv.swap_in(r)
             step.out.swapped_in.append(rid)
             r.status = RequestStatus.RUNNING
+            self.num_swap_ins += 1
         elif kv.num_blocks_needed(r, n, computed) > kv.num_free_blocks:
             held = len(kv.tables.get(rid, ()))
             upper = kv.blocks_for_tokens(r.num_computed_tokens + hit_tokens + n) - held
@@ -345,6 +348,7 @@ class Scheduler:
             out.swap_out += kv.swap_out(v)
             out.swapped_out.append(rid)
             v.status = RequestStatus.SWAPPED
+            self.num_swap_outs += 1
         else:
             kv.free(v)
             v.num_computed_tokens = 0
@@ -375,6 +379,7 @@ class Scheduler:
                     out.swap_out += kv.swap_out(v)
                     out.swapped_out.append(rid)
                     v.status = RequestStatus.SWAPPED
+                    self.num_swap_outs += 1
                     step.displaced.add(rid)
             return
         window = step.order[: self.config.max_num_seqs + self.config.swap_in_lookahead]
@@ -387,6 +392,7 @@ class Scheduler:
             out.swap_in += kv.swap_in(v)
             out.swapped_in.append(rid)
             v.status = RequestStatus.RUNNING
+            self.num_swap_ins += 1
 
     def update_after_step(self, output: SchedulerOutput) -> None:
         """After the runner computed the step: advance num_computed_tokens and charge MLFQ

@@ -64,6 +64,8 @@ class _EngineCollector(Collector):
             ("prompt_tokens", "Prompt tokens computed.", s.num_prompt_tokens),
             ("generation_tokens", "Tokens generated.", s.num_generation_tokens),
             ("num_preemptions", "Preemptions of running requests.", s.num_preemptions),
+            ("num_swap_outs", "Requests whose KV moved to the host tier.", s.num_swap_outs),
+            ("num_swap_ins", "Requests whose KV came back to the device.", s.num_swap_ins),
         ):  # fmt: skip
             c = CounterMetricFamily(PREFIX + name, doc, labels=labels)
             c.add_metric(values, value)
