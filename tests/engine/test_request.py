@@ -64,6 +64,24 @@ def test_normalisation():
         ({"seed": "x"}, "seed"),
         ({"logprobs": -1}, "logprobs"),
         ({"prompt_logprobs": -1}, "prompt_logprobs"),
+        # the bounds of what the engine can represent (request.MAX_*)
+        ({"n": 129}, "n"),
+        ({"n": 10**30}, "n"),
+        ({"max_tokens": 2**63}, "max_tokens"),
+        ({"min_tokens": 2**64}, "min_tokens"),
+        ({"top_k": 10**20}, "top_k"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**63}, "seed"),
+        ({"seed": 2**64 + 1}, "seed"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"prompt_logprobs": 10**20}, "prompt_logprobs"),
+        ({"stop": ["x"] * 65}, "stop"),
+        ({"stop": ["x" * 1025]}, "stop"),
+        ({"stop": 5}, "stop"),
+        ({"stop_token_ids": list(range(1025))}, "stop_token_ids"),
+        ({"stop_token_ids": 7}, "stop_token_ids"),
+        ({"ignore_eos": "yes"}, "ignore_eos"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty"),
     ],
 )
 def test_validation_names_the_parameter(kwargs, name):
@@ -72,8 +90,24 @@ def test_validation_names_the_parameter(kwargs, name):
 
 
 def test_temperature_message():
-    with pytest.raises(ValueError, match=r"temperature must be >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"temperature must be a finite number >= 0, got -1"):
         SamplingParams(temperature=-1)
+
+
+def test_huge_values_are_not_echoed_whole():
+    for kwargs in ({"seed": 10**5000}, {"stop_token_ids": [10**5000]}, {"stop": ["x" * 10**6]}):
+        with pytest.raises(ValueError, match=rf"^{next(iter(kwargs))} must be") as err:
+            SamplingParams(**kwargs)
+        assert len(str(err.value)) < 300
+
+
+def test_bounds_that_depend_on_the_vocabulary():
+    SamplingParams(top_k=300).verify(300)
+    SamplingParams(stop_token_ids=[299]).verify(300)
+    with pytest.raises(ValueError, match=r"^top_k must be at most the vocabulary size \(300\)"):
+        SamplingParams(top_k=301).verify(300)
+    with pytest.raises(ValueError, match=r"^stop_token_ids must be token ids in \[0, 300\)"):
+        SamplingParams(stop_token_ids=[300]).verify(300)
 
 
 def test_child_params_and_masked_ids():

@@ -246,7 +246,20 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
         "--max-queued-requests",
         type=int,
         default=1024,
-        help="answer 429 while this many requests wait in the engine (default 1024)",
+        help="answer 429 when a request would make more than this many sequences wait in the "
+        "engine; each prompt counts n (default 1024)",
+    )
+    p.add_argument(
+        "--max-request-tokens",
+        type=int,
+        default=None,
+        help="answer 400 when a request's (prompt + max_tokens) x n, summed over its prompts, "
+        "is larger (default: no bound beyond the context and --max-queued-requests)",
+    )
+    p.add_argument(
+        "--max-body-size",
+        default="16MiB",
+        help="answer 413 for a larger request body, e.g. 4MiB (default 16MiB)",
     )
     p.add_argument(
         "--api-key",
@@ -281,7 +294,14 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from fastserve.engine.config import parse_bytes
+    from fastserve.errors import ConfigError
     from fastserve.server.serve import serve
+
+    try:
+        max_body_bytes = parse_bytes(args.max_body_size, "--max-body-size")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
     return serve(
         args.model_dir,
@@ -290,6 +310,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name,
         api_key=args.api_key,
         max_queued_requests=args.max_queued_requests,
+        max_request_tokens=args.max_request_tokens,
+        max_body_bytes=max_body_bytes,
         shutdown_timeout_s=args.shutdown_timeout,
         log_level=args.log_level,
         policy=args.policy,

@@ -19,6 +19,7 @@ their prompt's KV through the prefix cache; the caller sees one RequestOutput wi
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -28,17 +29,40 @@ from fastserve.engine.config import EngineConfig, parse_bytes
 from fastserve.engine.detokenizer import IncrementalDetokenizer
 from fastserve.engine.kv_cache import KVCacheManager
 from fastserve.engine.request import (
+    MAX_INT,
     CompletionOutput,
     Logprob,
     Request,
     RequestOutput,
     RequestStatus,
     SamplingParams,
+    check_prompt,
     check_stop,
 )
 from fastserve.engine.runner import ModelRunner, RunnerBatch, RunnerRequest
-from fastserve.engine.sampler import Sampler, SamplingBatch, logprob_dict, token_logprobs
-from fastserve.engine.scheduler import CostModel, Scheduler, SchedulerOutput
+from fastserve.engine.sampler import (
+    Sampler,
+    SamplerOutput,
+    SamplingBatch,
+    logprob_dict,
+    token_logprobs,
+)
+from fastserve.engine.scheduler import CostModel, ScheduledRequest, Scheduler, SchedulerOutput
+
+logger = logging.getLogger("fastserve.engine")
+
+
+class EngineDeadError(RuntimeError):
+    """A step failed and no request explains it (the model or the engine itself is broken)."""
+
+
+@dataclass
+class _StepResult:
+    """What the compute phase of a step produced, before any request state changes."""
+
+    sample_ids: list[str]  # requests that sample this step, in the sampler's row order
+    sampled: SamplerOutput | None  # their tokens (and logprobs); None when nobody samples
+    prompt_rows: dict[str, list]  # request -> prompt logprob rows computed this step
 
 
 @dataclass
@@ -145,17 +169,11 @@ class LLMEngine:
         if request_id in self._groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise ValueError("prompt must not be empty")
-        vocab = self.model.config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        if len(ids) > self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens, more than the context "
-                f"(max_model_len={self.max_model_len})"
-            )
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        ids = check_prompt(ids, self.model.config.vocab_size, self.max_model_len)
+        params.verify(self.model.config.vocab_size)
+        if not isinstance(priority, int) or not -MAX_INT - 1 <= priority <= MAX_INT:
+            raise ValueError(f"priority must be an integer in [-2^63, 2^63), got {priority!r}")
         arrival = time.monotonic() if arrival_time is None else arrival_time
         eos = self.tokenizer.eos_token_id
         children = [
@@ -194,15 +212,18 @@ class LLMEngine:
         for child in children:
             self._child_group[child.request_id] = group
 
-    def abort_request(self, request_id: str) -> None:
-        """Abort a request (all its n sequences); its KV blocks are free when this returns."""
+    def abort_request(self, request_id: str, count: bool = True) -> None:
+        """Abort a request (all its n sequences); its KV blocks are free when this returns.
+        `count=False`: a request taken back before it ran (not counted as aborted)."""
         group = self._groups.pop(request_id, None)
         if group is None:
             return
         for child in group.children:
+            finished = child.is_finished  # before the abort: stopped children count as such
             self.scheduler.abort(child.request_id)
             self._child_group.pop(child.request_id, None)
-        self._count_finished("abort")
+            if count:  # per sequence, as _release counts
+                self._count_finished(child.finish_reason if finished else "abort")
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._groups)
@@ -211,7 +232,10 @@ class LLMEngine:
 
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
-        """Run one iteration; return the RequestOutputs (cumulative) of requests that advanced."""
+        """Run one iteration; return the RequestOutputs (cumulative) of requests that advanced.
+
+        A request whose tokens cannot be computed or sampled finishes alone with an error (see
+        `_isolate`); only a failure no request explains raises `EngineDeadError`."""
         sched = self.scheduler.schedule()
         touched: dict[str, _Group] = {}
         for rid, reason in sched.finished.items():  # finished by the scheduler itself
@@ -229,12 +253,38 @@ class LLMEngine:
         return outputs
 
     def _run(self, sched: SchedulerOutput, touched: dict[str, _Group]) -> None:
-        batch = RunnerBatch([], swap_out=sched.swap_out, swap_in=sched.swap_in)
+        # Two phases: compute (model, sampler, prompt logprobs: no request state changes, so a
+        # failure can be retried without the requests that cause it) and commit.
+        self.runner.swap(sched.swap_out, sched.swap_in)
+        rngs = self._rng_states(sched.scheduled)
+        try:
+            result = self._compute(sched.scheduled, sched.block_tables)
+        except Exception as exc:
+            result = self._isolate(sched, exc, rngs, touched)
         scheduled_at = time.monotonic()
         for s in sched.scheduled:
             r = self._child_group[s.request_id].children_by_id(s.request_id)
             if r.metrics.first_scheduled_time is None:  # queue time ends here
                 r.metrics.first_scheduled_time = scheduled_at
+            if r.num_computed_tokens < r.num_prompt_tokens:
+                self._counters["prompt"] += min(
+                    s.num_new_tokens, r.num_prompt_tokens - r.num_computed_tokens
+                )
+        for rid, rows in result.prompt_rows.items():
+            self._isolated(rid, touched, self._append_prompt_logprobs, rid, rows)
+        self.scheduler.update_after_step(sched)
+        now = time.monotonic()
+        for i, rid in enumerate(result.sample_ids):
+            if rid in self.scheduler.requests:  # not failed while committing its prompt rows
+                touched[self._child_group[rid].request_id] = self._child_group[rid]
+                self._isolated(rid, touched, self._append_token, rid, result.sampled, i, now)
+
+    def _compute(self, scheduled: list[ScheduledRequest], block_tables) -> _StepResult:
+        """Run the model over `scheduled` and sample; reads request state, changes none (the KV
+        written for the scheduled tokens is the same whoever runs them)."""
+        requests = [self._child_group[s.request_id].children_by_id(s.request_id) for s in scheduled]
+        batch = RunnerBatch([])
+        for s, r in zip(scheduled, requests):
             wants_prompt = (
                 r.sampling_params.prompt_logprobs is not None
                 and r.index == 0
@@ -246,47 +296,112 @@ class LLMEngine:
                     token_ids=r.all_token_ids,
                     num_computed_tokens=r.num_computed_tokens,
                     num_new_tokens=s.num_new_tokens,
-                    block_table=sched.block_tables[r.request_id],
+                    block_table=block_tables[r.request_id],
                     wants_logits=s.is_prefill_chunk_final,
                     wants_prompt_logits=wants_prompt,
                 )
             )
-            if r.num_computed_tokens < r.num_prompt_tokens:
-                self._counters["prompt"] += min(
-                    s.num_new_tokens, r.num_prompt_tokens - r.num_computed_tokens
-                )
         out = self.runner.execute(batch)
+        prompt_rows = {}
         for req in batch.requests:
             if req.request_id in out.prompt_logits:
-                self._collect_prompt_logprobs(req, out.prompt_logits[req.request_id])
-        self.scheduler.update_after_step(sched)
-        if not out.sample_request_ids:
-            return
-        now = time.monotonic()
-        requests = [self._child_group[rid].children_by_id(rid) for rid in out.sample_request_ids]
-        sampled = self.sampler(out.sample_logits, SamplingBatch.from_requests(requests))
-        for i, r in enumerate(requests):
-            group = self._child_group[r.request_id]
-            touched[group.request_id] = group
-            token = sampled.token_ids[i]
-            r.append_output_token(token, now)
-            self._counters["generation"] += 1
-            if sampled.logprobs is not None and sampled.logprobs[i] is not None:
-                row = sampled.logprobs[i]
-                group.logprobs[r.index].append(logprob_dict(row, self._decode_one))
-                group.cumulative_logprob[r.index] += row[0][1]
-            stopped = check_stop(r, self.max_model_len, now)
-            detok = group.detokenizers[r.index]
-            delta = detok.add([token], final=stopped)
-            if not stopped and detok.stop_hit is not None:
-                r.finish(RequestStatus.FINISHED_STOPPED, detok.stop_hit, now)
-                delta += detok.flush()
-                stopped = True
-            group.texts[r.index] += delta
-            if stopped:
-                self.scheduler.finish(r.request_id, r.status)
+                rows = self._prompt_logprob_rows(req, out.prompt_logits[req.request_id])
+                if rows:
+                    prompt_rows[req.request_id] = rows
+        sampled = None
+        if out.sample_request_ids:
+            rids = out.sample_request_ids
+            samplers = [self._child_group[rid].children_by_id(rid) for rid in rids]
+            sampled = self.sampler(out.sample_logits, SamplingBatch.from_requests(samplers))
+        return _StepResult(out.sample_request_ids, sampled, prompt_rows)
 
-    def _collect_prompt_logprobs(self, req: RunnerRequest, logits: torch.Tensor) -> None:
+    def _isolate(
+        self, sched: SchedulerOutput, exc: Exception, rngs: dict, touched: dict[str, _Group]
+    ) -> _StepResult:
+        """The step failed: run each scheduled request alone to find the ones that fail by
+        themselves, finish those with an error (their KV is freed), and rerun the rest as one
+        batch. Raises EngineDeadError when no request reproduces the failure, or when every
+        request fails and the model fails a one-token forward of its own (the model is broken);
+        a failure of the rerun propagates too."""
+        logger.warning("engine step failed (%s: %s); isolating the cause", type(exc).__name__, exc)
+        failed: dict[str, Exception] = {}
+        for s in sched.scheduled:
+            self._restore_rng_states(rngs)
+            try:
+                self._compute([s], sched.block_tables)
+            except Exception as alone:
+                failed[s.request_id] = alone
+        if not failed or (len(failed) == len(sched.scheduled) and not self._model_works()):
+            raise EngineDeadError(f"engine step failed: {type(exc).__name__}: {exc}") from exc
+        for rid, alone in failed.items():
+            logger.warning("request %s failed alone and is finished with an error: %r", rid, alone)
+            self._fail(rid, f"{type(alone).__name__}: {alone}", touched)
+        sched.scheduled = [s for s in sched.scheduled if s.request_id not in failed]
+        self._restore_rng_states(rngs)
+        if not sched.scheduled:
+            return _StepResult([], None, {})
+        return self._compute(sched.scheduled, sched.block_tables)
+
+    def _isolated(self, rid: str, touched: dict[str, _Group], fn, *args) -> None:
+        """Commit one request's results; an exception finishes that request alone."""
+        try:
+            fn(*args)
+        except Exception as exc:
+            logger.warning("request %s failed and is finished with an error: %r", rid, exc)
+            self._fail(rid, f"{type(exc).__name__}: {exc}", touched)
+
+    def _fail(self, rid: str, message: str, touched: dict[str, _Group]) -> None:
+        group = self._child_group[rid]
+        child = group.children_by_id(rid)
+        child.error = message
+        self.scheduler.finish(rid, RequestStatus.FINISHED_ERROR)  # frees its KV blocks
+        touched[group.request_id] = group
+
+    def _model_works(self) -> bool:
+        try:
+            ids = torch.zeros(1, 1, dtype=torch.long, device=self.runner.device)
+            return bool(torch.isfinite(self.model(ids)).all())
+        except Exception:
+            return False
+
+    def _rng_states(self, scheduled: list[ScheduledRequest]) -> dict:
+        """Generator states before a step, so a retried step samples what it would have."""
+        states = {None: self.sampler.generator.get_state()}
+        for s in scheduled:
+            r = self._child_group[s.request_id].children_by_id(s.request_id)
+            if r.generator is not None and not r.sampling_params.is_greedy:
+                states[s.request_id] = (r.generator, r.generator.get_state())
+        return states
+
+    def _restore_rng_states(self, states: dict) -> None:
+        self.sampler.generator.set_state(states[None])
+        for key, value in states.items():
+            if key is not None:
+                generator, state = value
+                generator.set_state(state)
+
+    def _append_token(self, rid: str, sampled: SamplerOutput, i: int, now: float) -> None:
+        group = self._child_group[rid]
+        r = group.children_by_id(rid)
+        token = sampled.token_ids[i]
+        r.append_output_token(token, now)
+        self._counters["generation"] += 1
+        if sampled.logprobs is not None and sampled.logprobs[i] is not None:
+            row = sampled.logprobs[i]
+            group.logprobs[r.index].append(logprob_dict(row, self._decode_one))
+            group.cumulative_logprob[r.index] += row[0][1]
+        stopped = check_stop(r, self.max_model_len, now)
+        detok = group.detokenizers[r.index]
+        delta = detok.add([token], final=stopped)
+        if not stopped and detok.stop_hit is not None:
+            r.finish(RequestStatus.FINISHED_STOPPED, detok.stop_hit, now)
+            delta += detok.flush()
+            stopped = True
+        group.texts[r.index] += delta
+        if stopped:
+            self.scheduler.finish(r.request_id, r.status)
+
+    def _prompt_logprob_rows(self, req: RunnerRequest, logits: torch.Tensor) -> list:
         """Logits row i sits at position computed + i and predicts the token after it."""
         group = self._child_group[req.request_id]
         have = len(group.prompt_logprobs)  # positions 0..have-1 done (entry 0 is None)
@@ -294,11 +409,13 @@ class LLMEngine:
         n_prompt = len(group.prompt_token_ids)
         rows = [i for i in range(logits.shape[0]) if have <= start + i + 1 < n_prompt]
         if not rows:
-            return
+            return []
         targets = torch.tensor([group.prompt_token_ids[start + i + 1] for i in rows])
-        k = group.params.prompt_logprobs
-        for row in token_logprobs(logits[rows], targets, k):
-            group.prompt_logprobs.append(logprob_dict(row, self._decode_one))
+        return token_logprobs(logits[rows], targets, group.params.prompt_logprobs)
+
+    def _append_prompt_logprobs(self, rid: str, rows: list) -> None:
+        group = self._child_group[rid]
+        group.prompt_logprobs.extend(logprob_dict(row, self._decode_one) for row in rows)
 
     def _decode_one(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)

@@ -27,6 +27,16 @@ import torch
 
 SAMPLING_EPS = 1e-5  # temperature below this is greedy (vLLM's _SAMPLING_EPS)
 
+# ---- the bounds of a request, defined once: the offline API raises ValueError naming the field,
+# the server answers 400 with the same message (docs/server.md lists them) ----
+MAX_N = 128  # sequences per prompt (OpenAI's bound on n)
+MAX_LOGPROBS = 20  # top logprobs per token (vLLM's default max_logprobs; OpenAI's chat bound)
+MAX_SEED = 2**63  # seeds live in [0, 2^63): child i of an n > 1 request uses seed + i < 2^64
+MAX_STOP_STRINGS = 64  # stop strings per request
+MAX_STOP_STRING_CHARS = 1024  # characters per stop string (the detokenizer holds back as many)
+MAX_STOP_TOKEN_IDS = 1024  # stop_token_ids per request
+MAX_INT = 2**63 - 1  # any other integer field (max_tokens, min_tokens, priority) fits int64
+
 
 @dataclass
 class SamplingParams:
@@ -70,8 +80,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop) if self.stop is not None else []
-        self.stop_token_ids = list(self.stop_token_ids) if self.stop_token_ids else []
+        for name in ("stop", "stop_token_ids"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, list | tuple):
+                raise ValueError(f"{name} must be a list, got {type(value).__name__}")
+            setattr(self, name, list(value) if value else [])
         self._validate()
         if self.top_k == -1:
             self.top_k = 0
@@ -80,46 +93,73 @@ class SamplingParams:
 
     def _validate(self) -> None:
         def fail(name: str, rule: str) -> None:
-            raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+            try:
+                value = repr(getattr(self, name))
+            except ValueError:  # repr(10**5000) raises (Python's int digit limit)
+                value = f"a {type(getattr(self, name)).__name__} too large to print"
+            value = value if len(value) <= 60 else value[:57] + "..."
+            raise ValueError(f"{name} must be {rule}, got {value}")
 
-        def is_int(v: object) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
+        def is_int(v: object, lo: int = -MAX_INT - 1, hi: int = MAX_INT) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
 
         def is_num(v: object) -> bool:
             return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
-        if not is_int(self.n) or self.n < 1:
-            fail("n", "an integer >= 1")
-        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
-            fail("max_tokens", "None or an integer >= 1")
-        if not is_int(self.min_tokens) or self.min_tokens < 0:
-            fail("min_tokens", "an integer >= 0")
+        if not is_int(self.n, 1, MAX_N):
+            fail("n", f"an integer in [1, {MAX_N}]")
+        if self.max_tokens is not None and not is_int(self.max_tokens, 1):
+            fail("max_tokens", f"None or an integer in [1, {MAX_INT}]")
+        if not is_int(self.min_tokens, 0):
+            fail("min_tokens", f"an integer in [0, {MAX_INT}]")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             fail("min_tokens", f"<= max_tokens ({self.max_tokens})")
         if not is_num(self.temperature) or self.temperature < 0:
-            fail("temperature", ">= 0")
+            fail("temperature", "a finite number >= 0")
         if not is_num(self.top_p) or not 0 < self.top_p <= 1:
             fail("top_p", "in (0, 1]")
-        if not is_int(self.top_k) or self.top_k < -1:
-            fail("top_k", "0 or -1 (off) or an integer >= 1")
+        if not is_int(self.top_k, -1):
+            fail("top_k", "0 or -1 (off) or an integer >= 1 (at most the vocabulary size)")
         if not is_num(self.min_p) or not 0 <= self.min_p <= 1:
             fail("min_p", "in [0, 1]")
         if not is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
-            fail("repetition_penalty", "> 0")
+            fail("repetition_penalty", "a finite number > 0")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not is_num(v) or not -2 <= v <= 2:
                 fail(name, "in [-2, 2]")
-        if not all(isinstance(s, str) and s for s in self.stop):
-            fail("stop", "a non-empty string or a list of non-empty strings")
-        if not all(is_int(t) and t >= 0 for t in self.stop_token_ids):
-            fail("stop_token_ids", "a list of token ids >= 0")
-        if self.seed is not None and not is_int(self.seed):
-            fail("seed", "None or an integer")
+        if len(self.stop) > MAX_STOP_STRINGS or not all(
+            isinstance(s, str) and 0 < len(s) <= MAX_STOP_STRING_CHARS for s in self.stop
+        ):
+            fail(
+                "stop",
+                f"a non-empty string or a list of at most {MAX_STOP_STRINGS} non-empty strings "
+                f"of at most {MAX_STOP_STRING_CHARS} characters",
+            )
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS or not all(
+            is_int(t, 0) for t in self.stop_token_ids
+        ):
+            fail("stop_token_ids", f"a list of at most {MAX_STOP_TOKEN_IDS} token ids >= 0")
+        if self.seed is not None and not is_int(self.seed, 0, MAX_SEED - 1):
+            fail("seed", "None or an integer in [0, 2^63)")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
-            if v is not None and (not is_int(v) or v < 0):
-                fail(name, "None or an integer >= 0")
+            if v is not None and not is_int(v, 0, MAX_LOGPROBS):
+                fail(name, f"None or an integer in [0, {MAX_LOGPROBS}]")
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "a bool")
+
+    def verify(self, vocab_size: int) -> None:
+        """The bounds that depend on the model: top_k and stop_token_ids within the vocabulary
+        (the engine calls this when a request is added). ValueError naming the parameter."""
+        if self.top_k > vocab_size:
+            raise ValueError(
+                f"top_k must be at most the vocabulary size ({vocab_size}), got {self.top_k}"
+            )
+        bad = [t for t in self.stop_token_ids if t >= vocab_size]
+        if bad:
+            raise ValueError(f"stop_token_ids must be token ids in [0, {vocab_size}), got {bad[0]}")
 
     @property
     def is_greedy(self) -> bool:
@@ -306,6 +346,23 @@ class Request:
         self.finish_reason = status.finish_reason
         self.stop_reason = stop_reason
         self.metrics.finished_time = time.monotonic() if now is None else now
+
+
+def check_prompt(token_ids: list[int], vocab_size: int, max_model_len: int) -> list[int]:
+    """The one check of a tokenized prompt (the engine's, which the server relies on): not
+    empty, every id a token of the vocabulary, no longer than the context. ValueError naming
+    the prompt; returns the ids as a list."""
+    ids = list(token_ids)
+    if not ids:
+        raise ValueError("prompt must not be empty")
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids):
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
+    if len(ids) > max_model_len:
+        raise ValueError(
+            f"prompt has {len(ids)} tokens, more than this model's maximum context length "
+            f"(max_model_len={max_model_len})"
+        )
+    return ids
 
 
 def check_stop(request: Request, max_model_len: int, now: float | None = None) -> bool:

@@ -188,10 +188,8 @@ class Scheduler:
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already queued")
         n, bs, pool = request.num_prompt_tokens, self.kv.block_size, self.kv.num_blocks
-        reason = None
-        if n > self.config.max_model_len:
-            reason = f"prompt has {n} tokens, more than max_model_len={self.config.max_model_len}"
-        elif self.kv.blocks_for_tokens(n) > pool:
+        reason = None  # the prompt itself was checked by the engine (request.check_prompt)
+        if self.kv.blocks_for_tokens(n) > pool:
             reason = (
                 f"prompt of {n} tokens needs {self.kv.blocks_for_tokens(n)} KV blocks of {bs} "
                 f"tokens but the whole KV cache has {pool}"

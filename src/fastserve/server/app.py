@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP app: FastAPI routes that translate HTTP <-> `AsyncEngine` calls.
 
     engine = AsyncEngine.from_model_dir("runs/small/model", policy="mlfq")
-    app = build_app(engine, served_model_name="small", api_key=None, max_queued_requests=1024)
+    app = build_app(engine, served_model_name="small", api_key=None, limits=ServerLimits())
     uvicorn.run(app, port=8000)            # or `fastserve serve runs/small/model`
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both stream with server-sent events:
@@ -35,12 +35,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fastserve.engine.async_engine import AsyncEngine
+from fastserve.engine.async_engine import AsyncEngine, QueueFullError
 from fastserve.engine.engine import EngineStats
 from fastserve.engine.request import RequestOutput, SamplingParams
 from fastserve.errors import FastServeError
 from fastserve.server import protocol as p
+from fastserve.server.limits import BodyTooLarge, ServerLimits, parse_json, read_body
 from fastserve.server.metrics import CONTENT_TYPE, ServerMetrics
+from fastserve.server.openapi import openapi_schema
 from fastserve.server.responses import (
     ChatStreamState,
     CompletionStreamState,
@@ -49,7 +51,7 @@ from fastserve.server.responses import (
     completion_choices,
     usage,
 )
-from fastserve.server.streams import ClientDisconnected, merge_streams, until_disconnected
+from fastserve.server.streams import ClientDisconnected, until_disconnected
 
 logger = logging.getLogger("fastserve.server")
 
@@ -97,17 +99,15 @@ class OpenAIServer:
         engine: AsyncEngine,
         served_model_name: str,
         api_key: str | None = None,
-        max_queued_requests: int = 1024,
+        limits: ServerLimits | None = None,
         model_root: str | None = None,
     ) -> None:
-        if max_queued_requests < 1:
-            raise ValueError(f"max_queued_requests must be >= 1, got {max_queued_requests}")
         self.engine = engine
         self.llm = engine.engine
         self.tokenizer = self.llm.tokenizer
         self.model_name = served_model_name
         self.api_key = api_key
-        self.max_queued_requests = max_queued_requests
+        self.limits = limits or ServerLimits()
         self.model_root = model_root
         self.metrics = ServerMetrics(served_model_name)
 
@@ -141,11 +141,16 @@ class OpenAIServer:
 
     async def parse(self, request: Request, schema: type[BaseModel]) -> BaseModel:
         self.check_auth(request)
-        raw = await request.body()
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise bad_request(f"Invalid JSON body: {exc}") from None
+            raw = await read_body(request, self.limits.max_body_bytes)
+        except BodyTooLarge as exc:
+            raise APIError(
+                413, str(exc), "invalid_request_error", None, "request_too_large"
+            ) from None
+        try:
+            body = parse_json(raw, self.limits.max_json_depth)
+        except ValueError as exc:
+            raise bad_request(str(exc)) from None
         if not isinstance(body, dict):
             raise bad_request("The request body must be a JSON object.")
         try:
@@ -166,43 +171,48 @@ class OpenAIServer:
     def engine_stats(self) -> EngineStats:
         return self.engine.stats()  # under the engine's lock: blocks for one step at most
 
-    async def check_queue(self) -> None:
+    def check_running(self) -> None:
         if not self.engine.is_running:
             raise APIError(503, "The engine has stopped.", "server_error", None, None)
-        stats = await asyncio.to_thread(self.engine_stats)
-        if stats.num_waiting >= self.max_queued_requests:
-            raise APIError(
-                429,
-                f"Too many requests waiting ({stats.num_waiting} >= max_queued_requests="
-                f"{self.max_queued_requests}); retry later.",
-                "rate_limit_error",
-                None,
-                "queue_full",
-            )
 
-    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        vocab = self.llm.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt):
-            raise bad_request(f"prompt token ids must be integers in [0, {vocab})", "prompt")
-        return list(prompt)
+    def check_size(self, prompts: list[PromptInfo], params: list[SamplingParams]) -> None:
+        """The request's own size against the limits, before it is admitted."""
+        num_seqs = sum(sp.n for sp in params)
+        limit = self.limits.max_queued_requests
+        if num_seqs > limit:
+            raise bad_request(
+                f"n ({params[0].n}) times the number of prompts ({len(prompts)}) is "
+                f"{num_seqs} sequences, more than max_queued_requests={limit}.",
+                "n",
+            )
+        token_limit = self.limits.max_request_tokens
+        if token_limit is not None:
+            num_tokens = sum(
+                (len(p.token_ids) + sp.max_tokens) * sp.n for p, sp in zip(prompts, params)
+            )
+            if num_tokens > token_limit:
+                raise bad_request(
+                    f"The request asks for {num_tokens} tokens (prompt + max_tokens, times n, "
+                    f"over its prompts), more than this server's max_request_tokens="
+                    f"{token_limit}.",
+                    "max_tokens",
+                )
+
+    async def encode(self, texts: list[str]) -> list[list[int]]:
+        """Tokenize off the event loop (a long prompt must not stall other streams)."""
+        return await asyncio.to_thread(lambda: [self.tokenizer.encode(t) for t in texts])
 
     def resolve_max_tokens(self, num_prompt: int, requested: int | None, param: str) -> int:
-        """vLLM's rule: prompt + max_tokens must fit the context; None -> fill the context."""
+        """vLLM's rule: prompt + max_tokens must fit the context; None -> fill the context.
+        (The prompt itself is checked once, by the engine when the request is admitted.)"""
         limit = self.llm.max_model_len
-        if num_prompt > limit:
-            raise bad_request(
-                f"The prompt has {num_prompt} tokens, more than this model's maximum context "
-                f"length of {limit} tokens.",
-                "prompt" if param == "max_tokens" else "messages",
-            )
+        prompt_param = "prompt" if param == "max_tokens" else "messages"
         if requested is None:
             if num_prompt >= limit:
                 raise bad_request(
                     f"The prompt has {num_prompt} tokens and fills this model's maximum context "
                     f"length of {limit} tokens; nothing can be generated.",
-                    "prompt" if param == "max_tokens" else "messages",
+                    prompt_param,
                 )
             return limit - num_prompt
         if num_prompt + requested > limit:
@@ -210,7 +220,7 @@ class OpenAIServer:
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{num_prompt + requested} tokens ({num_prompt} in the prompt, {requested} in the "
                 f"completion). Please reduce the prompt or {param}.",
-                param,
+                prompt_param if num_prompt > limit else param,
             )
         return requested
 
@@ -240,18 +250,40 @@ class OpenAIServer:
             reasons,
         )
 
-    def start(
+    async def start(
         self,
+        request: Request,
         request_id: str,
         prompts: list[PromptInfo],
         params: list[SamplingParams],
         priority: int,
-    ) -> AsyncIterator[tuple[int, RequestOutput]]:
-        streams = [
-            self.engine.generate(pr.token_ids, sp, f"{request_id}-{i}", priority=priority)
-            for i, (pr, sp) in enumerate(zip(prompts, params))
-        ]
-        return self._recorded(request_id, merge_streams(streams))
+    ) -> tuple[tuple[int, RequestOutput], AsyncIterator[tuple[int, RequestOutput]]]:
+        """Admit the request's sequences at once (429 when the waiting queue is full, 400 for an
+        invalid request) and return its first output and the stream of the rest: both before
+        the HTTP status is sent, so these errors keep their status codes."""
+        self.check_running()
+        self.check_size(prompts, params)
+        ids = [f"{request_id}-{i}" for i in range(len(prompts))]
+        merged = self.engine.generate_many(
+            [pr.token_ids for pr in prompts],
+            params,
+            ids,
+            priority=priority,
+            max_waiting=self.limits.max_queued_requests,
+        )
+        outputs = self._recorded(request_id, merged)
+        try:
+            first = await until_disconnected(request, anext(outputs))
+        except QueueFullError as exc:
+            await outputs.aclose()
+            raise APIError(429, str(exc), "rate_limit_error", None, "queue_full") from None
+        except ValueError as exc:
+            await outputs.aclose()
+            raise bad_request(str(exc), _param_of(str(exc))) from None
+        except BaseException:
+            await outputs.aclose()
+            raise
+        return first, outputs
 
     async def _recorded(self, request_id: str, merged) -> AsyncIterator[tuple[int, RequestOutput]]:
         async with contextlib.aclosing(merged) as outputs:
@@ -263,23 +295,18 @@ class OpenAIServer:
                         raise APIError(500, str(failed[0].stop_reason), "server_error")
                 yield i, out
 
-    async def first(self, request: Request, outputs):
-        """The first output of a stream, before the HTTP status is sent: an engine ValueError
-        (e.g. a prompt larger than the whole KV cache) still becomes a 400."""
-        try:
-            return await until_disconnected(request, anext(outputs))
-        except ValueError as exc:
-            raise bad_request(str(exc), "prompt") from None
-
     # ---- completions ---------------------------------------------------------------------------
 
     async def completions(self, request: Request) -> Response:
         req: p.CompletionRequest = await self.parse(request, p.CompletionRequest)
+        raw_prompts = req.prompts()
+        texts = [r for r in raw_prompts if isinstance(r, str)]
+        encoded = iter(await self.encode(texts)) if texts else iter(())
         prompts, params = [], []
         scoring_only = req.max_tokens == 0
-        for raw in req.prompts():
-            ids = self.prompt_ids(raw)
-            text = raw if isinstance(raw, str) else self.tokenizer.decode(ids, False)
+        for raw in raw_prompts:
+            ids = next(encoded) if isinstance(raw, str) else list(raw)
+            text = raw if isinstance(raw, str) else None  # decoded once the engine checked it
             prompts.append(PromptInfo(ids, text, req.echo, scoring_only))
             if scoring_only:  # run the prompt, sample one token, drop it
                 self.resolve_max_tokens(len(ids), 0, "max_tokens")
@@ -287,23 +314,25 @@ class OpenAIServer:
             else:
                 max_tokens = self.resolve_max_tokens(len(ids), req.max_tokens, "max_tokens")
             params.append(self.sampling_params(req.sampling_params, max_tokens))
-        await self.check_queue()
         rid = f"cmpl-{uuid.uuid4().hex}"
-        outputs = self.start(rid, prompts, params, req.priority)
+        first, outputs = await self.start(request, rid, prompts, params, req.priority)
+        for pr in prompts:
+            if pr.text is None:
+                pr.text = self.tokenizer.decode(pr.token_ids, False)
         if req.stream:
-            first = await self.first(request, outputs)
             return self._stream(self._completion_chunks(rid, req, prompts, first, outputs))
         finals: dict[int, RequestOutput] = {}
 
         async def collect() -> None:
-            async for i, out in outputs:
-                if out.finished:
-                    finals[i] = out
+            async with contextlib.aclosing(outputs):
+                for i, out in [first]:
+                    if out.finished:
+                        finals[i] = out
+                async for i, out in outputs:
+                    if out.finished:
+                        finals[i] = out
 
-        try:
-            await until_disconnected(request, collect())
-        except ValueError as exc:
-            raise bad_request(str(exc), "prompt") from None
+        await until_disconnected(request, collect())
         ordered = [finals[i] for i in range(len(prompts))]
         choices = [
             c
@@ -359,29 +388,24 @@ class OpenAIServer:
             )
         except (ValueError, FastServeError) as exc:
             raise bad_request(f"cannot apply the chat template: {exc}", "messages") from None
-        ids = self.tokenizer.encode(text)
+        (ids,) = await self.encode([text])
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = self.resolve_max_tokens(len(ids), req.requested_max_tokens, param)
         params = self.sampling_params(req.sampling_params, max_tokens)
-        await self.check_queue()
         prompt = PromptInfo(ids, text)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        outputs = self.start(rid, [prompt], [params], req.priority)
+        first, outputs = await self.start(request, rid, [prompt], [params], req.priority)
         top = (req.top_logprobs or 0) if req.logprobs else None
         if req.stream:
-            first = await self.first(request, outputs)
             return self._stream(self._chat_chunks(rid, req, prompt, top, first, outputs))
-        final: list[RequestOutput] = []
+        final: list[RequestOutput] = [first[1]]
 
         async def collect() -> None:
-            async for _, out in outputs:
-                if out.finished:
-                    final.append(out)
+            async with contextlib.aclosing(outputs):
+                async for _, out in outputs:
+                    final[0] = out
 
-        try:
-            await until_disconnected(request, collect())
-        except ValueError as exc:
-            raise bad_request(str(exc), "messages") from None
+        await until_disconnected(request, collect())
         return _json(
             p.ChatCompletionResponse(
                 id=rid,
@@ -446,7 +470,7 @@ class OpenAIServer:
         else:
             text = req.prompt
         try:
-            ids = self.tokenizer.encode(text, add_bos=req.add_special_tokens)
+            ids = await asyncio.to_thread(self.tokenizer.encode, text, req.add_special_tokens)
         except FastServeError as exc:
             raise bad_request(str(exc), "add_special_tokens") from None
         return _json(
@@ -487,13 +511,13 @@ def build_app(
     async_engine: AsyncEngine,
     served_model_name: str,
     api_key: str | None = None,
-    max_queued_requests: int = 1024,
+    limits: ServerLimits | None = None,
     model_root: str | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `async_engine` as `served_model_name` (the caller owns the
-    engine's lifetime). `api_key` None: no authentication."""
-    server = OpenAIServer(async_engine, served_model_name, api_key, max_queued_requests, model_root)
-    app = FastAPI(title="FastServe", docs_url=None, redoc_url=None, openapi_url=None)
+    engine's lifetime). `api_key` None: no authentication; `limits` None: ServerLimits()."""
+    server = OpenAIServer(async_engine, served_model_name, api_key, limits, model_root)
+    app = FastAPI(title="FastServe", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.server = server
 
     @app.exception_handler(APIError)
@@ -521,11 +545,17 @@ def build_app(
         body = p.error_body(f"internal error: {type(exc).__name__}", "server_error", None, None)
         return JSONResponse(body, status_code=500)
 
-    app.add_api_route("/v1/completions", server.completions, methods=["POST"])
-    app.add_api_route("/v1/chat/completions", server.chat, methods=["POST"])
+    # Handlers parse their own bodies (limits, strict schemas, OpenAI's errors); the OpenAPI
+    # document still describes each body, for clients and for schema fuzzing.
+    for path, handler, body in (
+        ("/v1/completions", server.completions, p.CompletionRequest),
+        ("/v1/chat/completions", server.chat, p.ChatCompletionRequest),
+        ("/tokenize", server.tokenize, p.TokenizeRequest),
+        ("/detokenize", server.detokenize, p.DetokenizeRequest),
+    ):
+        app.add_api_route(path, handler, methods=["POST"], openapi_extra={"x-body": body.__name__})
     app.add_api_route("/v1/models", server.models, methods=["GET"])
     app.add_api_route("/health", server.health, methods=["GET"])
-    app.add_api_route("/tokenize", server.tokenize, methods=["POST"])
-    app.add_api_route("/detokenize", server.detokenize, methods=["POST"])
     app.add_api_route("/metrics", server.metrics_endpoint, methods=["GET"])
+    app.openapi = lambda: openapi_schema(app)
     return app

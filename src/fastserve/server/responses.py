@@ -42,7 +42,7 @@ class PromptInfo:
     """One prompt of a request as the server resolved it."""
 
     token_ids: list[int]
-    text: str  # the user's text, or the decoded ids (what echo returns)
+    text: str | None  # the user's text, or the decoded ids (what echo returns)
     echo: bool = False
     # max_tokens=0 with echo: one token is generated to run the prompt and then dropped
     scoring_only: bool = False

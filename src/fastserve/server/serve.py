@@ -6,7 +6,8 @@
 Binds the socket itself (a busy port is a clear error; port 0 picks a free one), prints the URL when
 the server is ready, logs one line per request (id, prompt/output tokens, TTFT, E2E). SIGTERM or
 SIGINT: stop accepting connections, let in-flight requests finish for up to `shutdown_timeout_s`
-(then cancel them, which aborts their engine requests), stop the engine and return 0.
+(then cancel them, which aborts their engine requests), stop the engine and return 0. If the
+engine dies of a failure no request explains, the server shuts down and returns 1.
 
 What this module does not know: routes and schemas (app.py), scheduling (the engine).
 """
@@ -75,22 +76,32 @@ def serve(
     served_model_name: str | None = None,
     api_key: str | None = None,
     max_queued_requests: int = 1024,
+    max_request_tokens: int | None = None,
+    max_body_bytes: int = 16 * 2**20,
     shutdown_timeout_s: float = 30.0,
     log_level: str = "info",
     **engine_options,
 ) -> int:
-    """Serve `model_dir` until SIGTERM/SIGINT; returns the exit status (0)."""
+    """Serve `model_dir` until SIGTERM/SIGINT (exit status 0) or until the engine dies of a
+    failure no request explains (exit status 1, so that a supervisor restarts the server)."""
     import uvicorn
 
     from fastserve.engine.async_engine import AsyncEngine
     from fastserve.server.app import build_app
+    from fastserve.server.limits import ServerLimits
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("fastserve").setLevel(log_level.upper())
-    if max_queued_requests < 1:
-        raise ConfigError(f"--max-queued-requests must be >= 1, got {max_queued_requests}")
+    try:
+        limits = ServerLimits(
+            max_queued_requests=max_queued_requests,
+            max_request_tokens=max_request_tokens,
+            max_body_bytes=max_body_bytes,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"--{str(exc).replace('_', '-')}") from None
     if shutdown_timeout_s < 0:
         raise ConfigError(f"--shutdown-timeout must be >= 0, got {shutdown_timeout_s}")
     model_dir = Path(model_dir)
@@ -104,7 +115,7 @@ def serve(
         except ValueError as exc:
             raise ConfigError(f"invalid engine option: {exc}") from None
         try:
-            app = build_app(engine, name, api_key, max_queued_requests, str(model_dir))
+            app = build_app(engine, name, api_key, limits, str(model_dir))
             config = uvicorn.Config(
                 app,
                 log_level=log_level.lower(),
@@ -120,10 +131,28 @@ def serve(
                 f"(policy={engine.engine.config.policy}, max_model_len="
                 f"{engine.engine.max_model_len}, auth={'on' if api_key else 'off'})"
             )
+            watchdog = threading.Thread(
+                target=_stop_when_dead,
+                args=(engine, server),
+                name="fastserve-watchdog",
+                daemon=True,
+            )
+            watchdog.start()
             server.run(sockets=[sock])
         finally:
             engine.shutdown()
     finally:
         sock.close()
+    if engine.error is not None:
+        logger.critical("server stopped: the engine died (%r); exit status 1", engine.error)
+        return 1
     logger.info("server stopped")
     return 0
+
+
+def _stop_when_dead(engine, server) -> None:
+    """Shut the server down once the engine's step thread has died of an error (not when it
+    was shut down): in-flight streams already got their error; /health said 503 meanwhile."""
+    engine.wait_stopped()
+    if engine.error is not None:
+        server.should_exit = True
