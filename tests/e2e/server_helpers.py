@@ -32,14 +32,22 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m fastserve serve MODEL_DIR --port P ...` on 127.0.0.1, ready when /health is."""
 
-    def __init__(self, model_dir: Path, *args: str, log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        *args: str,
+        log_path: Path | None = None,
+        launcher: list[str] | None = None,
+    ) -> None:
+        """`launcher`: what runs the CLI (default `python -m fastserve`), e.g. a script that
+        injects faults before calling fastserve.cli.main."""
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path or Path(model_dir).parent / f"server-{self.port}.log"
         self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop())
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         env.pop("FASTSERVE_API_KEY", None)
-        cmd = [sys.executable, "-m", "fastserve", "serve", str(model_dir)]
+        cmd = [*(launcher or [sys.executable, "-m", "fastserve"]), "serve", str(model_dir)]
         cmd += ["--port", str(self.port), "--log-level", "info", *args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 

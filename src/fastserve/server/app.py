@@ -288,11 +288,13 @@ class OpenAIServer:
     async def _recorded(self, request_id: str, merged) -> AsyncIterator[tuple[int, RequestOutput]]:
         async with contextlib.aclosing(merged) as outputs:
             async for i, out in outputs:
-                if out.finished:
+                # one failed sequence fails the request at once (its other sequences are aborted
+                # when the stream closes)
+                failed = [o for o in out.outputs if o.finish_reason == "error"]
+                if out.finished or failed:
                     self.on_finished(f"{request_id}-{i}", out)
-                    failed = [o for o in out.outputs if o.finish_reason == "error"]
-                    if failed:
-                        raise APIError(500, str(failed[0].stop_reason), "server_error")
+                if failed:
+                    raise APIError(500, str(failed[0].stop_reason), "server_error")
                 yield i, out
 
     # ---- completions ---------------------------------------------------------------------------

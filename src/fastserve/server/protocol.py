@@ -18,9 +18,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fastserve.engine.request import SamplingParams
-
-MAX_LOGPROBS = 20  # vLLM's default max_logprobs; OpenAI allows 5 (completions) / 20 (chat)
+from fastserve.engine.request import MAX_LOGPROBS, SamplingParams
+from fastserve.server.limits import MAX_LOGIT_BIAS, MAX_PROMPTS
 
 
 class _Request(BaseModel):
@@ -68,6 +67,8 @@ class _SamplingRequest(_Request):
         self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None
     ) -> SamplingParams:
         """Engine parameters; ValueError naming the parameter for an invalid value."""
+        if self.logit_bias and len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias must have at most {MAX_LOGIT_BIAS} entries")
         if self.logit_bias:
             raise ValueError("logit_bias is not supported")
         return SamplingParams(
@@ -113,6 +114,8 @@ class CompletionRequest(_SamplingRequest):
             raise ValueError("prompt must not be empty")
         if isinstance(self.prompt, str) and not self.prompt:
             raise ValueError("prompt must not be empty")
+        if len(self.prompts()) > MAX_PROMPTS:
+            raise ValueError(f"prompt must be a list of at most {MAX_PROMPTS} prompts")
         if self.suffix is not None:
             raise ValueError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:

@@ -1,0 +1,188 @@
+"""Hostile input against a real `fastserve serve` process: every bound answers 400/413 in
+OpenAI's error shape naming the field, the engine keeps serving everyone else (the same greedy
+output before and after), a request that fails inside a step fails alone, and an engine that dies
+of a failure no request explains makes /health say so and the process exit 1."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from server_helpers import ServerProcess, make_model_dir, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+LAUNCHER = [sys.executable, str(Path(__file__).with_name("fault_launcher.py"))]
+PROBE = {"prompt": "the cat sat", "max_tokens": 8, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def bounds_model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("server-bounds") / "model")
+
+
+@pytest.fixture(scope="module")
+def server(bounds_model_dir):
+    proc = ServerProcess(
+        bounds_model_dir,
+        "--max-body-size",
+        "256KiB",
+        "--max-queued-requests",
+        "8",
+        "--max-request-tokens",
+        "4000",
+        launcher=[*LAUNCHER, "poison-seed"],
+    )
+    try:
+        yield proc.wait_ready()
+    finally:
+        assert proc.stop() == 0, proc.log()
+
+
+def post(server, body, path="/v1/completions", **kwargs) -> httpx.Response:
+    return httpx.post(server.base_url + path, timeout=60, **({"json": body} | kwargs))
+
+
+def probe_text(server) -> str:
+    r = post(server, PROBE)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None) -> None:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["type"] == "invalid_request_error"
+    assert err["param"] == param, err
+
+
+# (body, param) pairs that must each get a 400 naming `param`
+BAD_FIELDS = [
+    ({"top_k": 100000000000000000000, "top_p": 0.9}, "top_k"),  # the reported crash
+    ({"top_k": 301}, "top_k"),  # the tiny model's vocabulary has 300 tokens
+    ({"top_k": -2}, "top_k"),
+    ({"seed": 2**64}, "seed"),
+    ({"seed": -1}, "seed"),
+    ({"n": 129}, "n"),
+    ({"n": 10**40}, "n"),
+    ({"best_of": 3, "n": 2}, "best_of"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"max_tokens": 10**30}, "max_tokens"),
+    ({"min_tokens": 2**64, "max_tokens": 8}, "min_tokens"),
+    ({"stop": ["x"] * 65}, "stop"),
+    ({"stop": ["x" * 1025]}, "stop"),
+    ({"stop_token_ids": [300]}, "stop_token_ids"),
+    ({"stop_token_ids": list(range(1025))}, "stop_token_ids"),
+    ({"logit_bias": {str(i): 1.0 for i in range(301)}}, "logit_bias"),
+    ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+    ({"temperature": 1e999}, "temperature"),  # parses as inf
+    ({"priority": 2**63}, "priority"),
+    ({"prompt": [[1, 2]] * 1025}, "prompt"),
+    ({"prompt": [1, 2, 300]}, "prompt"),  # a token id outside the vocabulary
+    ({"prompt": [1, -1]}, "prompt"),
+    ({"prompt": [[5]] * 3, "n": 3}, "n"),  # 9 sequences > --max-queued-requests 8
+    ({"prompt": "x", "max_tokens": 1000, "n": 5}, "max_tokens"),  # > --max-request-tokens
+    ({"prompt": [5] * 2049, "max_tokens": 1}, "prompt"),  # longer than the context
+]
+
+
+def test_every_bound_is_a_400_naming_the_field_and_the_engine_keeps_serving(server):
+    before = probe_text(server)
+    for fields, param in BAD_FIELDS:
+        body = {"prompt": "x", "max_tokens": 4, **fields}
+        if "temperature" in fields:  # json.dumps writes inf as Infinity: send the literal 1e999
+            r = post(
+                server,
+                None,
+                content=b'{"prompt": "x", "max_tokens": 4, "temperature": 1e999}',
+                headers={"content-type": "application/json"},
+            )
+        else:
+            r = post(server, body)
+        assert_error(r, 400, param)
+    assert probe_text(server) == before
+    assert httpx.get(server.base_url + "/health", timeout=10).status_code == 200
+
+
+def test_malformed_bodies_are_400_or_413(server):
+    before = probe_text(server)
+    raw = [
+        b"[" * 100_000 + b"]" * 100_000,  # RecursionError in json.loads before
+        b'{"prompt": ' + b"[" * 40 + b"1" + b"]" * 40 + b"}",
+        b'{"prompt": "x", "seed": 1' + b"0" * 5000 + b"}",  # over Python's 4300-digit limit
+        b'{"prompt": "x", "temperature": NaN}',
+        b'{"prompt": "x", "max_tokens": 4',
+        b"\xff\xfe not utf-8",
+        b'"just a string"',
+    ]
+    for body in raw:
+        r = post(server, None, content=body, headers={"content-type": "application/json"})
+        assert_error(r, 400, None)
+    r = post(server, {"prompt": "x" * 300_000, "max_tokens": 1})  # > --max-body-size 256KiB
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+
+    def chunks():  # no Content-Length: the limit applies to the bytes actually sent
+        yield b'{"prompt": "'
+        for _ in range(40):
+            yield b"x" * 10_000
+        yield b'", "max_tokens": 1}'
+
+    r = post(server, None, content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413, r.text
+    assert probe_text(server) == before
+
+
+def test_a_request_that_fails_inside_a_step_fails_alone(server):
+    before = probe_text(server)
+    poisoned = {"prompt": "the cat", "max_tokens": 16, "temperature": 0.8, "seed": 666}
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        healthy = [pool.submit(post, server, PROBE) for _ in range(6)]
+        bad = [pool.submit(post, server, poisoned), pool.submit(post, server, poisoned | {"n": 2})]
+        bad_stream = pool.submit(post, server, poisoned | {"stream": True})
+        for f in healthy:
+            assert f.result().status_code == 200
+            assert f.result().json()["choices"][0]["text"] == before
+        for f in bad:
+            r = f.result()
+            assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
+            assert "IndexError" in r.json()["error"]["message"]
+        stream = bad_stream.result()
+        assert stream.status_code == 200  # the status was sent before the failing step
+        events = [ln for ln in stream.text.splitlines() if ln.startswith("data: ")]
+        assert '"error"' in events[-2] and events[-1] == "data: [DONE]"
+    assert httpx.get(server.base_url + "/health", timeout=10).json() == {"status": "ok"}
+    metrics = wait_for(lambda: (m := server.metrics())["fastserve:kv_cache_usage_perc"] == 0 and m)
+    # the n=2 request: child 0 (seed 666) fails; child 1 (seed 667) is aborted with the request
+    assert metrics['fastserve:request_success_total{finished_reason="error"}'] == 3
+    assert metrics['fastserve:request_success_total{finished_reason="abort"}'] == 1
+    assert metrics["fastserve:num_requests_running"] == 0
+    assert probe_text(server) == before
+
+
+def test_the_openapi_document_describes_the_request_bodies(server):
+    doc = httpx.get(server.base_url + "/openapi.json", timeout=10).json()
+    body = doc["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]
+    ref = body["schema"]["$ref"].rsplit("/", 1)[-1]
+    props = doc["components"]["schemas"][ref]["properties"]
+    assert {"prompt", "max_tokens", "top_k", "seed", "n", "stream"} <= set(props)
+    chat = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]
+    assert chat["required"] is True
+    assert "ErrorResponse" in doc["components"]["schemas"]
+
+
+def test_a_dead_engine_fails_health_and_the_process_exits_1(bounds_model_dir, tmp_path):
+    proc = ServerProcess(
+        bounds_model_dir, launcher=[*LAUNCHER, "die-after-3"], log_path=tmp_path / "dead.log"
+    )
+    try:
+        proc.wait_ready()
+        r = post(proc, {"prompt": "the cat", "max_tokens": 50, "temperature": 0})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error", r.text
+        assert proc.proc.wait(timeout=60) == 1
+        assert "the engine died" in proc.log()
+    finally:
+        proc.stop()
