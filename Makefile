@@ -7,7 +7,7 @@ TORCH  := torch==2.13.0
 STAMP  := $(VENV)/.setup-done
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test test-fast lint format bench clean
+.PHONY: setup demo test test-fast test-reliability lint format bench clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,13 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest tests -m "not slow and not e2e"
+
+# The reliability suite at its heavy settings (longer soak, more streams, cases and crashes);
+# its figures go to runs/reliability.jsonl (docs/benchmarks.md, Reliability).
+test-reliability: setup
+	mkdir -p runs && rm -f runs/reliability.jsonl
+	FASTSERVE_RELIABILITY=heavy FASTSERVE_RELIABILITY_REPORT=$(CURDIR)/runs/reliability.jsonl \
+		$(PY) -m pytest tests/reliability -v
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -6,6 +6,7 @@ single-process run with the same global batch.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -191,21 +192,59 @@ def test_user_errors_are_one_clear_line(args, needle, shards: Path, tmp_path: Pa
     assert not (tmp_path / "x").exists()
 
 
-def test_every_command_has_help() -> None:
-    for command in ("data", "train", "generate", "demo"):
-        proc = run_cli(command, "--help")
-        assert "usage: fastserve " + command in proc.stdout
+def parser_tree(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """(path, parser) for `parser` and every subcommand below it, at every level, depth first."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from parser_tree(sub, (*path, name))
+
+
+def undocumented(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    """What `text` (the parser's --help) leaves out: options, positionals or subcommands missing
+    from it, and arguments without a help string of their own."""
+    missing = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            missing += [f"{n}: no help" for n in action.choices if not (helps.get(n) or "").strip()]
+            missing += [f"{n}: not listed" for n in action.choices if n not in text]
+            continue
+        names = action.option_strings or [action.metavar or action.dest]
+        if action.help == argparse.SUPPRESS or not (action.help or "").strip():
+            missing.append(f"{names[0]}: no help")
+        missing += [f"{n}: not in the help text" for n in names if n not in text]
+    return missing
+
+
+def test_every_command_has_help(capsys, monkeypatch) -> None:
+    from fastserve.cli import build_parser, main
+
+    assert run_cli("--help").stdout.startswith("usage: fastserve")  # the real entry point
+    monkeypatch.setenv("COLUMNS", "200")  # what run_cli sets: argparse wraps to it
+    tree = list(parser_tree(build_parser()))
+    paths = [path for path, _ in tree]
+    assert ("bench", "serve") in paths and len(paths) >= 10  # the walk reaches nested commands
+    texts = {}
+    for path, parser in tree:  # in process: `python -m fastserve` is main(), ~1 s a start
+        with pytest.raises(SystemExit) as exited:
+            main([*path, "--help"])
+        assert exited.value.code == 0, path
+        texts[path] = text = capsys.readouterr().out
+        prog = " ".join(("fastserve", *path))
+        assert parser.prog == prog and text.startswith(f"usage: {prog}"), prog
+        assert undocumented(parser, text) == [], prog
     # every TrainConfig field is reachable from the CLI, with help text
     from fastserve.train.config import TrainConfig, field_help
 
     helps = field_help(TrainConfig)
-    text = run_cli("train", "--help").stdout
     for name in TrainConfig.__dataclass_fields__:
         assert helps.get(name), f"no help for {name}"
         flag = {"data_dir": "--data", "out_dir": "--out", "model_overrides": "--set"}.get(
             name, "--" + name.replace("_", "-")
         )
-        assert flag in text
+        assert flag in texts[("train",)]
 
 
 def _free_port() -> int:

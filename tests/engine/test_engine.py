@@ -59,6 +59,14 @@ CONFIGS = {
     "no-prefix-cache": dict(policy="fcfs", enable_prefix_caching=False),
 }
 
+# The counters (EngineStats fields) a config must drive above zero on the workload below: its
+# 12 KV blocks are too few for the 10 prompts, so requests are preempted (and swapped).
+MUST_HAPPEN = {
+    "fcfs-preempt-recompute": ("num_preemptions",),
+    "fcfs-preempt-swap": ("num_preemptions", "num_swap_outs", "num_swap_ins"),
+    "mlfq-tiny-pool-swap": ("num_preemptions", "num_swap_outs", "num_swap_ins"),
+}
+
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_greedy_equals_reference_loop(name, tiny_model_dir, model):
@@ -71,6 +79,12 @@ def test_greedy_equals_reference_loop(name, tiny_model_dir, model):
         assert out.outputs[0].finish_reason == "length"
     assert llm.engine.num_free_blocks() == llm.engine.kv.num_blocks
     assert not llm.engine.has_unfinished_requests()
+    stats = llm.engine.stats()
+    for counter in MUST_HAPPEN.get(name, ()):
+        assert getattr(stats, counter) > 0, f"{name}: {counter} is 0, the path never ran"
+    if CONFIGS[name].get("num_host_blocks") == 0:
+        assert stats.num_swap_outs == 0  # no host tier: every preemption recomputes
+    assert stats.num_swap_ins == stats.num_swap_outs and stats.num_swapped == 0  # all came back
 
 
 def test_greedy_equals_hf_generate(tiny_model_dir):

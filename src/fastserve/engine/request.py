@@ -103,8 +103,10 @@ class SamplingParams:
         def is_int(v: object, lo: int = -MAX_INT - 1, hi: int = MAX_INT) -> bool:
             return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
 
-        def is_num(v: object) -> bool:
-            return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        def is_num(v: object) -> bool:  # a finite float (a huge int cannot become one)
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                return False
+            return abs(v) <= MAX_INT if isinstance(v, int) else math.isfinite(v)
 
         if not is_int(self.n, 1, MAX_N):
             fail("n", f"an integer in [1, {MAX_N}]")

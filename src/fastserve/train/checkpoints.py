@@ -6,7 +6,7 @@ Layout (every checkpoint is also a loadable HF model dir):
       step_000200/            config.json, model.safetensors, generation_config.json, tokenizer
                               files (fastserve.model.save_model) + trainer_state.pt
       step_000400/
-      .tmp-step_000600-xyz/   a save in progress or a crash: never counted as a checkpoint
+      .tmp-step_000600-xyz/   a save or deletion in progress, or crash debris: never counted
 
 `trainer_state.pt` = {format_version, step, optimizer, config, world_size, tokens_seen, elapsed_s},
 written with torch.save and read with torch.load(weights_only=True). Only the plain tensors,
@@ -16,6 +16,7 @@ Knows nothing about the training loop; it stores what it is given.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -97,14 +98,22 @@ def save_checkpoint(
 
 def prune_checkpoints(out_dir: str | Path, keep_last: int) -> list[Path]:
     """Delete complete checkpoints older than the newest `keep_last`, and leftover temp dirs
-    (only one writer per out_dir exists, so a temp dir here is debris from a crash)."""
+    (only one writer per out_dir exists, so a temp dir here is debris from a crash).
+
+    A checkpoint is renamed to a temp name before it is deleted: a crash in the middle of the
+    deletion then leaves debris, never a half-deleted `step_N` dir that still looks complete."""
     root = Path(out_dir) / CHECKPOINTS_DIR
-    removed = [path for _, path in list_checkpoints(out_dir)[:-keep_last]]
-    if root.is_dir():
-        removed += [p for p in root.iterdir() if p.name.startswith(TMP_PREFIX) and p.is_dir()]
-    for path in removed:
+    if not root.is_dir():
+        return []
+    debris = [p for p in root.iterdir() if p.name.startswith(TMP_PREFIX) and p.is_dir()]
+    for path in debris:
         shutil.rmtree(path, ignore_errors=True)
-    return removed
+    stale = [path for _, path in list_checkpoints(out_dir)[:-keep_last]]
+    for path in stale:
+        trash = path.with_name(f"{TMP_PREFIX}{path.name}-pruned")
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    return stale + debris
 
 
 def load_trainer_state(path: str | Path) -> dict[str, Any]:
