@@ -5,8 +5,8 @@
     python benchmarks/bench_quant.py --model M --data D --speed --speed-preset base
 
 Rows: fp32, bf16, w8a16, w8a8, w4a16 (RTN), w4a16-gptq, w4a16-awq, w3a16-gptq. Quality columns,
-on the val split of --data (non-overlapping windows of --block-size, up to --eval-tokens tokens),
-against the fp32 model on the same windows:
+on the val split of --data (non-overlapping windows of --block-size, the first --eval-tokens
+tokens), against the fp32 model on the same windows, computed by fastserve.eval:
   bytes      size of the model dir's safetensors files
   ppl        val perplexity; d ppl = relative change vs fp32
   KL mean / KL p99   per-token KL(p_fp32 || p_row) in nats (llama.cpp's statistics)
@@ -28,7 +28,6 @@ embeddings, the dense lm_head) in bf16, as `fastserve compress --dtype bfloat16`
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import tempfile
 import time
@@ -65,39 +64,23 @@ def train_model(data: str, out: Path, steps: int, preset: str) -> Path:
     return Path(train(cfg).final_dir)
 
 
-@torch.no_grad()
-def eval_windows(data: str, block_size: int, max_tokens: int) -> list[torch.Tensor]:
-    from fastserve.data import TokenShards
+def eval_data(data: str, model_dir: Path, max_tokens: int):
+    """The first max_tokens tokens of the val split of the shard dir `data` (fastserve.eval)."""
+    from fastserve.data import Tokenizer
+    from fastserve.eval.datasets import load_data
 
-    shards = TokenShards(data, "val")
-    batches, total = [], 0
-    for x, y in shards.iter_batches(8, block_size):
-        batches.append(torch.cat([x, y[:, -1:]], dim=1))
-        total += x.numel()
-        if total >= max_tokens:
-            break
-    return batches
+    return load_data(data, Tokenizer.load(model_dir), limit=max_tokens)
 
 
-@torch.no_grad()
-def quality(model, windows, ref_logprobs=None) -> dict:
-    nll, count, kls, same, logprobs = 0.0, 0, [], 0, []
-    for i, w in enumerate(windows):
-        lp = torch.log_softmax(model(w[:, :-1]).float(), dim=-1)
-        nll += float(-lp.gather(-1, w[:, 1:, None]).sum())
-        count += w[:, 1:].numel()
-        if ref_logprobs is None:
-            logprobs.append(lp)
-        else:
-            ref = ref_logprobs[i]
-            kls.append((ref.exp() * (ref - lp)).sum(-1).flatten())
-            same += int((ref.argmax(-1) == lp.argmax(-1)).sum())
-    out = {"ppl": math.exp(nll / count)}
-    if ref_logprobs is None:
-        out["logprobs"] = logprobs
-    else:
-        kl = torch.cat(kls)
-        out.update(kl_mean=float(kl.mean()), kl_p99=float(kl.quantile(0.99)), top1=same / count)
+def quality(model, data, block_size: int, ref_model=None) -> dict:
+    """Perplexity, and against ref_model KL mean / p99 and top-1 agreement (fastserve.eval)."""
+    from fastserve.eval.evaluator import evaluate_loaded
+
+    r = evaluate_loaded(model, data, block_size, block_size, batch_size=8, ref_model=ref_model)
+    out = {"ppl": r["perplexity"]["ppl"]}
+    if r["fidelity"] is not None:
+        f = r["fidelity"]
+        out.update(kl_mean=f["kld_mean"], kl_p99=f["kld_p99"], top1=f["same_top_pct"] / 100)
     return out
 
 
@@ -197,9 +180,9 @@ def main() -> None:
         )
     rows = args.rows.split(",")
 
-    windows = eval_windows(data, args.block_size, args.eval_tokens)
+    val = eval_data(data, model_dir, args.eval_tokens)
     fp32 = load_model(model_dir, dtype=torch.float32)
-    ref = quality(fp32, windows)
+    ref = quality(fp32, val, args.block_size)
     table: dict[str, dict] = {"fp32": {"bytes": dir_bytes(model_dir), "ppl": ref["ppl"]}}
     for row in rows:
         if row == "fp32":
@@ -207,7 +190,7 @@ def main() -> None:
         if row == "bf16":
             save_model(load_model(model_dir, dtype=torch.bfloat16), work / "bf16")
             out = work / "bf16"
-            q = quality(load_model(out), windows, ref["logprobs"])
+            q = quality(load_model(out), val, args.block_size, fp32)
             table[row] = {"bytes": dir_bytes(out), "quant_s": None, **q}
             continue
         seq_len = min(args.seq_len, args.block_size * 2)
@@ -215,7 +198,7 @@ def main() -> None:
         runs = []
         for seed in seeds:
             res = compress(model_dir, row, data, work / row, args.num_samples, seq_len, seed=seed)
-            q = quality(load_model(work / row), windows, ref["logprobs"])
+            q = quality(load_model(work / row), val, args.block_size, fp32)
             runs.append({"quant_s": res.time_s, **q})
             print(f"{row} seed {seed}: ppl {q['ppl']:.3f}, KL {q['kl_mean']:.4f}", flush=True)
         table[row] = {"bytes": dir_bytes(work / row), "runs": runs}
@@ -224,8 +207,8 @@ def main() -> None:
     rest = getattr(torch, args.speed_dtype)
     speed = speed_rows(args.speed_preset, args.decode_steps, work, rest) if args.speed else {}
     print(
-        f"\nmodel {model_dir}, val windows {len(windows)} x 8 x {args.block_size}, calibration "
-        f"{args.num_samples} x {args.seq_len} from {data}\n"
+        f"\nmodel {model_dir}, {val.num_scored} val tokens in windows of {args.block_size}, "
+        f"calibration {args.num_samples} x {args.seq_len} from {data}\n"
     )
     head = "| row | bytes | val ppl | d ppl | KL mean | KL p99 | top-1 % | b1 tok/s | b16 tok/s "
     print(head + "| quant s |")

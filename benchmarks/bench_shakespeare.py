@@ -10,9 +10,9 @@ Both runs use FastServe's trainer on nanoGPT's split of the file (first 90% trai
   fastserve the recipe below: a 1024-token BPE (2.5x more text per token), a wider model (192),
             trained for the wall time the baseline took, then again for --long-s seconds (with
             val evaluated every 500 steps in its metrics.jsonl, to show over-fitting if any).
-The figure is val bits-per-byte over the whole val split (non-overlapping windows, every byte
-counted once), so vocabularies of different size are comparable. Prints a table and writes
-results.json under --out.
+The figure is val bits-per-byte over the whole val split (`fastserve.eval` with non-overlapping
+windows of the block size, every byte counted once), so vocabularies of different size are
+comparable. Prints a table and writes results.json under --out.
 """
 
 from __future__ import annotations
@@ -20,16 +20,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import shutil
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from bench_train import BABY_MODEL  # benchmarks/ is on sys.path when run as a script
-from fastserve.data import TokenShards, prepare_data
+from fastserve.data import prepare_data
 from fastserve.model import load_model
 from fastserve.train import TrainConfig, train
 from fastserve.train.budget import steps_for_budget
@@ -75,17 +73,15 @@ FASTSERVE = dict(
 )
 
 
-@torch.no_grad()
 def val_bits_per_byte(model_dir: Path, data_dir: Path, block_size: int) -> float:
-    """Bits per byte over the whole val split (every non-overlapping window once)."""
-    model = load_model(model_dir)
-    shards = TokenShards(data_dir, "val")
-    nll, count = 0.0, 0
-    for x, y in shards.iter_batches(32, block_size):
-        logits = model(x)
-        nll += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
-        count += y.numel()
-    return nll / count / math.log(2) / shards.bytes_per_token
+    """Bits per byte over the whole val split: non-overlapping windows of block_size tokens,
+    every token (and so every byte) scored once (fastserve.eval, docs/eval.md)."""
+    from fastserve.eval import evaluate
+
+    results = evaluate(
+        model_dir, data=[str(data_dir)], context_len=block_size, stride=block_size, batch_size=32
+    )
+    return results["datasets"][0]["perplexity"]["bits_per_byte"]
 
 
 def run(name: str, recipe: dict, data_dir: Path, out: Path, max_steps=None, seconds=None, evals=0):

@@ -102,7 +102,6 @@ def test_leaving_during_the_admission_leaves_nothing_behind(engine):
                 await task
             await stream.aclose()
 
-
     asyncio.run(main())
     deadline = time.monotonic() + 10
     while engine.engine.has_unfinished_requests() and time.monotonic() < deadline:

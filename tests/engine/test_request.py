@@ -82,7 +82,7 @@ def test_normalisation():
         ({"stop_token_ids": 7}, "stop_token_ids"),
         ({"ignore_eos": "yes"}, "ignore_eos"),
         ({"repetition_penalty": float("inf")}, "repetition_penalty"),
-        ({"temperature": 10**400}, "temperature"),  # an int too large for a float (found by fuzzing)
+        ({"temperature": 10**400}, "temperature"),  # too large for a float (found by fuzzing)
     ],
 )
 def test_validation_names_the_parameter(kwargs, name):

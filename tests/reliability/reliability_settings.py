@@ -29,5 +29,3 @@ def report(name: str, **figures) -> None:
     if path:
         with open(path, "a") as f:
             f.write(json.dumps(line) + "\n")
-
-

@@ -1,8 +1,18 @@
 """Evaluation: numbers about a model dir or a running server, as JSON.
 
-loadgen.py        `fastserve bench serve`: workload, arrivals, streaming OpenAI client, results
-loadgen_stats.py  per-request records -> vLLM-named serving metrics (pure functions)
-openai_client.py  streaming OpenAI API client: SSE, timing, error messages (also for `chat`)
+Quality of a model (its outputs, scored on data):
+  evaluator.py      `evaluate(target, ref=None, data=[...])`: the results dict of `fastserve eval`
+  perplexity.py     sliding windows over a token stream; per-token NLL, perplexity, bits per byte
+  fidelity.py       KL(ref || target) and llama.cpp's fidelity statistics on the same tokens
+  datasets.py       text files, directories, a shard dir's val split -> one token stream + hash
+  stats.py          stderr and quantiles with llama.cpp's conventions
+  results.py        the results JSON: schema, model dir hash, versions, reading it back
+  tables.py         rich tables of one result and of several compared
+
+Serving measurement (a running server, over HTTP):
+  loadgen.py        `fastserve bench serve`: workload, arrivals, streaming OpenAI client, results
+  loadgen_stats.py  per-request records -> vLLM-named serving metrics (pure functions)
+  openai_client.py  streaming OpenAI API client: SSE, timing, error messages (also for `chat`)
 """
 
 from fastserve.eval.loadgen import BenchConfig, RequestSpec, format_report, run_benchmark
@@ -12,7 +22,18 @@ __all__ = [
     "BenchConfig",
     "RequestResult",
     "RequestSpec",
+    "evaluate",
     "format_report",
     "run_benchmark",
     "summarize",
 ]
+
+
+def __getattr__(name: str):
+    # The serving tools (`bench serve`, `chat URL`) import this package and need no torch: the
+    # quality side loads on first use of `evaluate`.
+    if name == "evaluate":
+        from fastserve.eval.evaluator import evaluate
+
+        return evaluate
+    raise AttributeError(f"module 'fastserve.eval' has no attribute {name!r}")

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastserve.errors import ConfigError
+from fastserve.eval.perplexity import bits_per_byte, token_nll
 from fastserve.train import checkpoints as ckpt
 from fastserve.train import distributed as dist_utils
 from fastserve.train.batches import BatchSampler
@@ -134,7 +135,7 @@ def _evaluate(model, sampler: BatchSampler, eval_iters: int, env, device, autoca
         x, y = sampler.eval_batch(i)
         with autocast():
             logits = model(x)
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        total += token_nll(logits, y, reduction="mean")
     model.train(was_training)
     return dist_utils.all_reduce_sum(total).item() / eval_iters
 
@@ -265,7 +266,7 @@ def _train(cfg: TrainConfig, env: dist_utils.DistributedEnv, show: bool) -> Trai
 
     def evaluate() -> tuple[float, float]:
         loss = _evaluate(model, val_sampler, cfg.eval_iters, env, device, autocast)
-        bpb = loss / math.log(2) / val_shards.bytes_per_token
+        bpb = bits_per_byte(loss, val_shards.bytes_per_token)
         line.print(f"step {step}: val loss {loss:.4f}, {bpb:.4f} bits/byte")
         return loss, bpb
 

@@ -1,0 +1,269 @@
+"""`evaluate()`: a model dir's perplexity and bits per byte on each dataset, and its fidelity
+to a reference model dir on the same tokens, as the results dict of results.py.
+
+    from fastserve.eval import evaluate
+    r = evaluate("runs/small-w4", ref="runs/small/model", data=["runs/stdlib-data"])
+    r["datasets"][0]["perplexity"]["ppl"], r["datasets"][0]["fidelity"]["kld_mean"]
+
+Every check that can fail (the dirs, the tokenizers, the settings against the models' context,
+every dataset) runs before any weights are loaded, so a bad input costs no time. `score_tokens`
+is the loop: both models see the same windows in the same batches, and only per-token numbers
+(NLL, KL, top-token agreement) are kept, never full distributions. Models given as objects
+(benchmarks) use `score_tokens` / `evaluate_loaded` directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fastserve.errors import CheckpointError, ConfigError, DataError
+from fastserve.eval.datasets import EvalData, load_data, start_token_id
+from fastserve.eval.fidelity import fidelity_stats, same_top, token_kld
+from fastserve.eval.perplexity import (
+    batch_windows,
+    nll_from_logprobs,
+    perplexity_stats,
+    plan_windows,
+    window_logprobs,
+)
+from fastserve.eval.results import dir_sha256, model_files, model_info, new_results
+
+__all__ = ["TokenScores", "evaluate", "evaluate_loaded", "score_tokens"]
+
+URL_PREFIXES = ("http://", "https://")
+DEFAULT_BATCH_SIZE = 8
+MAX_DEFAULT_CONTEXT = 2048  # the default window: the models' context, at most this many tokens
+
+
+@dataclass
+class TokenScores:
+    nll: np.ndarray  # [n] float64: the target's NLL (nats) of each scored token, stream order
+    ref_nll: np.ndarray | None  # [n] the reference's NLL of the same tokens (None without ref)
+    kld: np.ndarray | None  # [n] KL(ref || target) of each position's next-token distribution
+    same_top: np.ndarray | None  # [n] bool: both models' most likely next token agree
+
+
+def progress_bar(enabled: bool):
+    """A rich progress display on stderr when enabled and stderr is a terminal, else None."""
+    from fastserve.utils.console import err_console
+
+    if not enabled or not err_console.is_terminal:
+        return contextlib.nullcontext(None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    return Progress(
+        "[bold]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+    )
+
+
+def score_tokens(
+    model,
+    tokens: np.ndarray,
+    context_len: int,
+    stride: int,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    ref_model=None,
+    progress=None,
+    description: str = "scoring",
+) -> TokenScores:
+    """Score tokens[1:] of one stream with sliding windows (perplexity.py); with `ref_model`,
+    also the per-token fidelity numbers on the same windows. `progress`: a rich Progress."""
+    windows = plan_windows(len(tokens), context_len, stride)
+    stream = torch.as_tensor(np.asarray(tokens), dtype=torch.long).to(model.device)
+    ref_stream = None if ref_model is None else stream.to(ref_model.device)
+    task = progress.add_task(description, total=len(windows)) if progress is not None else None
+    parts: dict[str, list[torch.Tensor]] = {"nll": [], "ref_nll": [], "kld": [], "same_top": []}
+    for batch in batch_windows(windows, batch_size):
+        logprobs, targets = window_logprobs(model, stream, batch)
+        parts["nll"].append(nll_from_logprobs(logprobs, targets).double().cpu())
+        if ref_model is not None:
+            ref_logprobs, _ = window_logprobs(ref_model, ref_stream, batch)
+            ref_logprobs = ref_logprobs.to(logprobs.device)
+            parts["ref_nll"].append(nll_from_logprobs(ref_logprobs, targets).double().cpu())
+            parts["kld"].append(token_kld(ref_logprobs, logprobs).cpu())
+            parts["same_top"].append(same_top(ref_logprobs, logprobs).cpu())
+        if task is not None:
+            progress.update(task, advance=len(batch))
+    arrays = {k: torch.cat(v).numpy() if v else None for k, v in parts.items()}
+    return TokenScores(**arrays)
+
+
+def evaluate_loaded(
+    model,
+    data: EvalData,
+    context_len: int,
+    stride: int,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    ref_model=None,
+    progress=None,
+) -> dict[str, Any]:
+    """One dataset's entry of the results: its description, perplexity and fidelity."""
+    start = time.perf_counter()
+    scores = score_tokens(
+        model, data.tokens, context_len, stride, batch_size, ref_model, progress, data.name
+    )
+    elapsed = time.perf_counter() - start
+    fidelity = None
+    if scores.kld is not None:
+        fidelity = fidelity_stats(scores.kld, scores.nll, scores.ref_nll, scores.same_top)
+    return {
+        **data.describe(),
+        "perplexity": perplexity_stats(scores.nll, data.num_bytes),
+        "fidelity": fidelity,
+        "time_s": elapsed,
+        "tokens_per_s": data.num_scored / max(elapsed, 1e-9),
+    }
+
+
+def _model_dir(path: str | Path, role: str) -> Path:
+    text = str(path)
+    if text.startswith(URL_PREFIXES):
+        raise ConfigError(
+            f"{role} {text} is a URL: evaluating a server is not supported yet; give a model dir."
+        )
+    p = Path(text).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"{role} {text} does not exist (expected a model dir).")
+    if not p.is_dir() or not (p / "config.json").is_file():
+        raise CheckpointError(f"{role} {text} is not a model dir (no config.json).")
+    return p
+
+
+def _check_settings(context_len, stride, batch_size, limit, limits: dict[str, int]) -> None:
+    for name, value in (("context_len", context_len), ("stride", stride)):
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}.")
+    if stride > context_len:
+        raise ConfigError(f"stride {stride} is larger than context_len {context_len}.")
+    for role, max_len in limits.items():
+        if context_len > max_len:
+            raise ConfigError(
+                f"context_len {context_len} is longer than the {role}'s context "
+                f"(max_position_embeddings {max_len})."
+            )
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}.")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit must be at least 1 token, got {limit}.")
+
+
+def _check_device(device: str) -> None:
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r} (use cpu, cuda or cuda:N).") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device} was asked for, but CUDA is not available here.")
+
+
+def evaluate(
+    target: str | Path,
+    ref: str | Path | None = None,
+    data: list[str] | tuple[str, ...] | str = (),
+    context_len: int | None = None,
+    stride: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    limit: int | None = None,
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate the model dir `target` (dense or compressed) on each of `data` (text files,
+    directories, shard dirs), against the model dir `ref` when given; the results dict.
+
+    context_len: window length (default: the models' max_position_embeddings, at most 2048);
+    stride: new tokens scored per window (default context_len // 2); limit: score at most this
+    many tokens of each dataset; dtype: weights dtype (default: each checkpoint's).
+    FastServeError (one line) for bad input: a URL, a missing dir, a tokenizer mismatch, a
+    context longer than a model's, a missing or empty dataset.
+    """
+    from fastserve.data.tokenizer import Tokenizer
+    from fastserve.model.checkpoint import load_config, load_model, parse_dtype
+
+    wall_start = time.perf_counter()
+    target_dir = _model_dir(target, "target")
+    ref_dir = None if ref is None else _model_dir(ref, "--ref")
+    sources = [str(data)] if isinstance(data, str | Path) else [str(d) for d in data]
+    if not sources:
+        raise ConfigError(
+            "nothing to evaluate: give at least one dataset (--data FILE|DIR|SHARDS)."
+        )
+    configs = {"target": load_config(target_dir)}
+    tokenizer = Tokenizer.load(target_dir)
+    if ref_dir is not None:
+        configs["ref"] = load_config(ref_dir)
+        ref_tokenizer = Tokenizer.load(ref_dir)
+        if ref_tokenizer.fingerprint != tokenizer.fingerprint:
+            raise DataError(
+                f"tokenizer mismatch: {target} and --ref {ref} have different tokenizers "
+                f"(tokenizer.json sha256 {tokenizer.fingerprint[:12]} vs "
+                f"{ref_tokenizer.fingerprint[:12]}); fidelity compares models on the same tokens."
+            )
+        if configs["ref"].vocab_size != configs["target"].vocab_size:
+            raise DataError(
+                f"vocab_size mismatch: {target} has {configs['target'].vocab_size} logits per "
+                f"token, --ref {ref} has {configs['ref'].vocab_size}."
+            )
+    limits = {role: c.max_position_embeddings for role, c in configs.items()}
+    if context_len is None:
+        context_len = min(*limits.values(), MAX_DEFAULT_CONTEXT)
+    if stride is None:
+        stride = max(1, context_len // 2)
+    _check_settings(context_len, stride, batch_size, limit, limits)
+    _check_device(device)
+    if dtype is not None:
+        dtype = parse_dtype(dtype, "float32")
+    datasets = [load_data(src, tokenizer, limit) for src in sources]
+    vocab_size = min(c.vocab_size for c in configs.values())
+    for d in datasets:
+        if int(d.tokens.max()) >= vocab_size:
+            raise DataError(
+                f"{d.name} has token id {int(d.tokens.max())}, outside the model's vocabulary "
+                f"(vocab_size {vocab_size}); the tokenizer does not fit the model."
+            )
+
+    with progress_bar(progress) as bar:
+        shas = {}
+        for role, path in (("target", target_dir), ("ref", ref_dir)):
+            if path is None:
+                continue
+            size = sum(f.stat().st_size for f in model_files(path))
+            task = bar.add_task(f"hashing {role}", total=size) if bar is not None else None
+            advance = (lambda n, t=task: bar.update(t, advance=n)) if bar is not None else None
+            shas[role] = dir_sha256(path, advance)
+        model = load_model(target_dir, device=device, dtype=dtype)
+        ref_model = None if ref_dir is None else load_model(ref_dir, device=device, dtype=dtype)
+        settings = {
+            "context_len": context_len,
+            "stride": stride,
+            "batch_size": batch_size,
+            "limit": limit,
+            "device": device,
+            "dtype": None if dtype is None else str(dtype).removeprefix("torch."),
+        }
+        results = new_results(
+            model_info(target_dir, model, shas["target"]),
+            None if ref_model is None else model_info(ref_dir, ref_model, shas["ref"]),
+            settings,
+            {
+                "fingerprint": tokenizer.fingerprint,
+                "vocab_size": tokenizer.vocab_size,
+                "start_token_id": start_token_id(tokenizer),
+            },
+        )
+        for d in datasets:
+            entry = evaluate_loaded(model, d, context_len, stride, batch_size, ref_model, bar)
+            results["datasets"].append(entry)
+    results["wall_time_s"] = time.perf_counter() - wall_start
+    return results

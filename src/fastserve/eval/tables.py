@@ -1,0 +1,138 @@
+"""Rich tables of eval results: one results dict, or several compared against the first.
+
+    console.print(*results_tables(results))
+    console.print(compare_table([a, b, c], labels=["a.json", "b.json", "c.json"]))
+
+Rows of a comparison pair datasets by their sha256 and number of scored tokens (the same data,
+the same --limit); a dataset the first result lacks gets no deltas. Knows only the results
+schema (results.py), nothing about models.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich import box
+from rich.table import Table
+
+__all__ = ["compare_table", "results_tables"]
+
+_KLD_ROWS = ("max", "p99_9", "p99", "p95", "p90", "median")
+
+
+def _table(title: str) -> Table:
+    return Table(
+        title=title,
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _pm(value: float | None, err: float | None, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" + ("" if err is None else f" ± {err:.{digits}f}")
+
+
+def _title(results: dict[str, Any]) -> str:
+    s, target = results["settings"], results["target"]
+    quant = target.get("quantization")
+    kind = f", {quant['method']} {quant['bits']}-bit" if quant else ""
+    return (
+        f"{target['path']} ({target['weights_bytes'] / 2**20:.2f} MiB of weights{kind}; context "
+        f"{s['context_len']}, stride {s['stride']}; {results['wall_time_s']:.1f} s)"
+    )
+
+
+def results_tables(results: dict[str, Any]) -> list[Table]:
+    """The perplexity table (a row per dataset) and, when a reference was evaluated, the
+    fidelity table (a row per statistic, a column per dataset, as llama.cpp prints them)."""
+    ppl = _table(_title(results))
+    ppl.add_column("dataset", overflow="fold", min_width=8)
+    for col in ("tokens", "bytes", "PPL", "bits/byte", "tok/s"):
+        ppl.add_column(col, justify="right", no_wrap=True)
+    for d in results["datasets"]:
+        p = d["perplexity"]
+        ppl.add_row(
+            d["name"] + (" (cut)" if d["truncated"] else ""),
+            f"{d['num_tokens']:,}",
+            f"{d['num_bytes']:,}",
+            _pm(p["ppl"], p["ppl_stderr"], 3),
+            _num(p["bits_per_byte"]),
+            f"{d['tokens_per_s']:,.0f}",
+        )
+    tables = [ppl]
+    if results.get("ref"):
+        fid = _table(f"fidelity vs {results['ref']['path']}")
+        fid.add_column("statistic")
+        for d in results["datasets"]:
+            fid.add_column(_short(d["name"]), justify="right", no_wrap=True)
+        stats = [d["fidelity"] for d in results["datasets"]]
+        rows = [
+            ("PPL(ref)", lambda f: _pm(f["ref_ppl"], f["ref_ppl_stderr"])),
+            ("ln(PPL/PPL(ref))", lambda f: _pm(f["ln_ppl_ratio"], f["ln_ppl_ratio_stderr"], 6)),
+            ("KLD mean", lambda f: _pm(f["kld_mean"], f["kld_mean_stderr"], 6)),
+            *[(f"KLD {q}", lambda f, q=q: _num(f[f"kld_{q}"], 6)) for q in _KLD_ROWS],
+            (
+                "RMS Δp %",
+                lambda f: _pm(100 * f["delta_p_rms"], _scaled(f["delta_p_rms_stderr"]), 3),
+            ),
+            ("same top %", lambda f: _pm(f["same_top_pct"], f["same_top_pct_stderr"], 3)),
+        ]
+        for name, cell in rows:
+            fid.add_row(name, *[cell(f) for f in stats])
+        tables.append(fid)
+    return tables
+
+
+def _short(path: str) -> str:
+    """The last component of a path (a table cell; the JSON keeps the path as given)."""
+    return path.rstrip("/").rsplit("/", 1)[-1] or path
+
+
+def _scaled(value: float | None) -> float | None:
+    return None if value is None else 100 * value
+
+
+def _delta_pct(value: float, base: float | None) -> str:
+    if base is None or base == 0:
+        return "-"
+    return f"{100 * (value / base - 1):+.2f}%"
+
+
+def compare_table(results: list[dict[str, Any]], labels: list[str]) -> Table:
+    """One row per (result, dataset); deltas against the first result's same dataset."""
+    table = _table(f"compared against {labels[0]}")
+    cols = ("result", "dataset", "PPL", "Δ PPL", "bits/byte", "Δ bpb", "KLD mean", "same top %")
+    for col in cols[:2]:
+        table.add_column(col, overflow="fold", min_width=8)
+    for col in cols[2:]:
+        table.add_column(col, justify="right", no_wrap=True, min_width=len(col))
+    base = {(d["sha256"], d["num_tokens"]): d["perplexity"] for d in results[0]["datasets"]}
+    window = [(r["settings"]["context_len"], r["settings"]["stride"]) for r in results]
+    if len(set(window)) > 1:
+        table.caption = "note: context_len / stride differ between these results: " + ", ".join(
+            f"{label} {c}/{s}" for label, (c, s) in zip(labels, window)
+        )
+    for label, r in zip(labels, results):
+        for d in r["datasets"]:
+            p, f = d["perplexity"], d.get("fidelity")
+            b = base.get((d["sha256"], d["num_tokens"]))
+            bpb = p["bits_per_byte"]
+            table.add_row(
+                label,
+                _short(d["name"]),
+                _num(p["ppl"], 3),
+                _delta_pct(p["ppl"], b and b["ppl"]),
+                _num(bpb),
+                "-" if bpb is None else _delta_pct(bpb, b and b["bits_per_byte"]),
+                "-" if not f else _num(f["kld_mean"], 6),
+                "-" if not f else f"{f['same_top_pct']:.2f}",
+            )
+    return table
