@@ -104,3 +104,16 @@ def wait_for(predicate, timeout_s: float = 30.0, interval_s: float = 0.05):
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout_s} s")
         time.sleep(interval_s)
+
+
+async def sse_data(response: httpx.Response):
+    """The `data:` payloads of a streaming httpx response, split at LF bytes only, as SSE says.
+    (httpx's aiter_lines splits like str.splitlines, also at U+0085, U+2028, ..., which the
+    server's JSON leaves unescaped inside generated text.)"""
+    buf = b""
+    async for chunk in response.aiter_bytes():
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            if line.startswith(b"data: "):
+                yield line[len(b"data: ") :].rstrip(b"\r").decode()

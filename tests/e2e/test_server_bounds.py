@@ -186,3 +186,16 @@ def test_a_dead_engine_fails_health_and_the_process_exits_1(bounds_model_dir, tm
         assert "the engine died" in proc.log()
     finally:
         proc.stop()
+
+
+def test_stream_events_survive_clients_that_split_on_unicode_line_breaks(server):
+    """U+2028 / U+2029 / U+0085 are escaped in SSE JSON: httpx's aiter_lines (str.splitlines)
+    would otherwise cut an event in two."""
+    body = {"prompt": "a\u2028b\u2029c\u0085d", "max_tokens": 2, "echo": True, "stream": True}
+    with httpx.stream("POST", server.base_url + "/v1/completions", json=body, timeout=60) as r:
+        events = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    import json
+
+    texts = [json.loads(e)["choices"][0]["text"] for e in events[:-1] if json.loads(e)["choices"]]
+    assert "".join(texts).startswith("a\u2028b\u2029c\u0085d")

@@ -40,7 +40,13 @@ from fastserve.engine.engine import EngineStats
 from fastserve.engine.request import RequestOutput, SamplingParams
 from fastserve.errors import FastServeError
 from fastserve.server import protocol as p
-from fastserve.server.limits import BodyTooLarge, ServerLimits, parse_json, read_body
+from fastserve.server.limits import (
+    BodyTooLarge,
+    ClientGone,
+    ServerLimits,
+    parse_json,
+    read_body,
+)
 from fastserve.server.metrics import CONTENT_TYPE, ServerMetrics
 from fastserve.server.openapi import openapi_schema
 from fastserve.server.responses import (
@@ -82,9 +88,15 @@ def _param_of(message: str) -> str | None:
     return head if head.isidentifier() else None
 
 
+# Line separators that JSON leaves raw but that clients splitting lines with str.splitlines
+# (httpx's aiter_lines) would break an SSE event at; inside JSON strings only, so escaping them is
+# lossless.
+_SSE_ESCAPES = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _sse(model: BaseModel | dict) -> str:
     body = model.model_dump_json() if isinstance(model, BaseModel) else json.dumps(model)
-    return f"data: {body}\n\n"
+    return f"data: {body.translate(_SSE_ESCAPES)}\n\n"
 
 
 def _json(model: BaseModel, status: int = 200) -> Response:
@@ -531,7 +543,8 @@ def build_app(
         return JSONResponse(_error_json(exc), status_code=exc.status)
 
     @app.exception_handler(ClientDisconnected)
-    async def _gone(request: Request, exc: ClientDisconnected) -> Response:
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, exc: Exception) -> Response:
         logger.info("%s %s: client disconnected, request aborted", request.method, request.url)
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 

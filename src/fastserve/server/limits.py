@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 MAX_PROMPTS = 1024  # prompts in one completions request (a list of strings or of token lists)
 MAX_LOGIT_BIAS = 300  # logit_bias entries (OpenAI's bound)
@@ -49,6 +49,10 @@ class BodyTooLarge(Exception):
     """The request body is over max_body_bytes (-> 413)."""
 
 
+class ClientGone(Exception):
+    """The client disconnected while its body was being read (-> 499, logged at info)."""
+
+
 async def read_body(request: Request, max_bytes: int) -> bytes:
     """The body, refused as soon as it is known to be too large (before reading it when the
     client sends Content-Length)."""
@@ -56,11 +60,14 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise BodyTooLarge(f"The request body has {declared} bytes, more than {max_bytes}.")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise BodyTooLarge(f"The request body is larger than {max_bytes} bytes.")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise BodyTooLarge(f"The request body is larger than {max_bytes} bytes.")
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone before it sent the whole body: nothing to answer
+        raise ClientGone from None
     return b"".join(chunks)
 
 
