@@ -199,3 +199,12 @@ def test_stream_events_survive_clients_that_split_on_unicode_line_breaks(server)
 
     texts = [json.loads(e)["choices"][0]["text"] for e in events[:-1] if json.loads(e)["choices"]]
     assert "".join(texts).startswith("a\u2028b\u2029c\u0085d")
+
+
+def test_integers_follow_json_schema(server):
+    """4.0 is an integer in JSON Schema (what the OpenAPI document promises); 4.5, "4" and true
+    are not."""
+    r = post(server, {"prompt": "the cat", "max_tokens": 4.0, "n": 1.0, "seed": 3.0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
+    for value in (4.5, "4", True):
+        assert_error(post(server, {"prompt": "the cat", "max_tokens": value}), 400, "max_tokens")

@@ -1,5 +1,6 @@
 """The server's OpenAPI document: FastAPI's routes plus the request body of each POST route
-(the handlers parse bodies themselves, so FastAPI cannot see them) and OpenAI's error shape.
+(the handlers parse bodies themselves, so FastAPI cannot see them) with every field's bounds,
+those of the served model included (vocabulary, context, model name), and OpenAI's error shape.
 
     GET /openapi.json                     # what `openai`-style clients and schema fuzzers read
 
@@ -28,7 +29,13 @@ def openapi_schema(app: FastAPI) -> dict:
     models = [(m, "validation") for m in _BODIES.values()] + [(p.ErrorResponse, "serialization")]
     refs, defs = models_json_schema(models, ref_template=_REF)
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-    schemas.update(defs.get("$defs", {}))
+    server = app.state.server
+    bounds = {
+        "vocab": server.llm.model.config.vocab_size,
+        "context": server.llm.max_model_len,
+        "model": server.model_name,
+    }
+    schemas.update(_fill_bounds(defs.get("$defs", {}), bounds))
     error = {
         "description": "OpenAI's error object",
         "content": {"application/json": {"schema": refs[(p.ErrorResponse, "serialization")]}},
@@ -46,3 +53,22 @@ def openapi_schema(app: FastAPI) -> dict:
             op["responses"]["default"] = error
     app.openapi_schema = doc
     return doc
+
+
+def _fill_bounds(node, bounds: dict):
+    """Replace each `x-bound` marker (protocol._doc) by the served model's value."""
+    if isinstance(node, list):
+        return [_fill_bounds(v, bounds) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _fill_bounds(v, bounds) for k, v in node.items() if k != "x-bound"}
+    kind = node.get("x-bound")
+    if kind == "vocab":
+        out["maximum"] = bounds["vocab"]
+    elif kind == "token":
+        out["maximum"] = bounds["vocab"] - 1
+    elif kind == "context":
+        out["maxItems" if node.get("type") == "array" else "maximum"] = bounds["context"]
+    elif kind == "model":
+        out["enum"] = [bounds["model"], None]
+    return out

@@ -14,16 +14,47 @@ What this module does not know: HTTP, the engine's state, tokenization.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from fastserve.engine.request import MAX_LOGPROBS, SamplingParams
+from fastserve.engine.request import (
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_SEED,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    SamplingParams,
+)
 from fastserve.server.limits import MAX_LOGIT_BIAS, MAX_PROMPTS
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema's integers include 1.0: accept integral floats for int fields (strict mode
+    still refuses "5", true and 1.5)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
+
+
+def _doc(**schema) -> Any:
+    """JSON-schema bounds for the OpenAPI document, from the constants that SamplingParams and
+    the server enforce (the check stays there, with its message naming the field). `x-bound`
+    marks a bound of the served model, filled in by openapi.py: "vocab" (top_k's maximum),
+    "token" (a token id) or "context" (max_model_len)."""
+    return Field(json_schema_extra=schema)
+
+
+TokenId = Annotated[Int, _doc(minimum=0, **{"x-bound": "token"})]
+StopString = Annotated[str, _doc(minLength=1, maxLength=MAX_STOP_STRING_CHARS)]
 
 
 class _Response(BaseModel):
@@ -40,26 +71,28 @@ class StreamOptions(_Request):
 class _SamplingRequest(_Request):
     """Fields shared by completions and chat completions (OpenAI's plus vLLM's extras)."""
 
-    model: str | None = None
-    n: int = 1
-    temperature: float | None = None  # None -> 1.0 (OpenAI's default)
-    top_p: float | None = None
-    stop: str | list[str] | None = None
+    model: Annotated[str | None, _doc(**{"x-bound": "model"})] = None
+    n: Annotated[Int, _doc(minimum=1, maximum=MAX_N)] = 1
+    # None -> 1.0 (OpenAI's default)
+    temperature: Annotated[float | None, _doc(minimum=0)] = None
+    top_p: Annotated[float | None, _doc(exclusiveMinimum=0, maximum=1)] = None
+    stop: Annotated[StopString | list[StopString] | None, _doc(maxItems=MAX_STOP_STRINGS)] = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    seed: Annotated[Int | None, _doc(minimum=0, maximum=MAX_SEED - 1)] = None
+    presence_penalty: Annotated[float, _doc(minimum=-2, maximum=2)] = 0.0
+    frequency_penalty: Annotated[float, _doc(minimum=-2, maximum=2)] = 0.0
     user: str | None = None
-    logit_bias: dict[str, float] | None = None  # rejected when non-empty (not supported)
+    # rejected when non-empty (not supported)
+    logit_bias: Annotated[dict[str, float] | None, _doc(maxProperties=0)] = None
     # vLLM extras
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    stop_token_ids: list[int] | None = None
+    top_k: Annotated[Int | None, _doc(minimum=-1, **{"x-bound": "vocab"})] = None
+    min_p: Annotated[float | None, _doc(minimum=0, maximum=1)] = None
+    repetition_penalty: Annotated[float | None, _doc(exclusiveMinimum=0)] = None
+    stop_token_ids: Annotated[list[TokenId] | None, _doc(maxItems=MAX_STOP_TOKEN_IDS)] = None
     ignore_eos: bool = False
-    min_tokens: int = 0
-    priority: int = 0
+    min_tokens: Annotated[Int, _doc(minimum=0, **{"x-bound": "context"})] = 0
+    priority: Annotated[Int, _doc(minimum=-(2**63), maximum=2**63 - 1)] = 0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
 
@@ -99,12 +132,18 @@ class _SamplingRequest(_Request):
 
 class CompletionRequest(_SamplingRequest):
     # A string, a list of strings, token ids, or a list of token-id lists (ids used as given).
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    prompt: Annotated[
+        Annotated[str, _doc(minLength=1)]
+        | Annotated[list[Annotated[str, _doc(minLength=1)]], _doc(minItems=1)]
+        | Annotated[list[TokenId], _doc(minItems=1, **{"x-bound": "context"})]
+        | Annotated[list[Annotated[list[TokenId], _doc(minItems=1)]], _doc(minItems=1)],
+        _doc(maxItems=MAX_PROMPTS),
+    ]
+    max_tokens: Annotated[Int | None, _doc(minimum=0, **{"x-bound": "context"})] = 16
+    logprobs: Annotated[Int | None, _doc(minimum=0, maximum=MAX_LOGPROBS)] = None
     echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
+    best_of: Annotated[Int | None, _doc(minimum=1, maximum=MAX_N)] = None
+    suffix: Annotated[str | None, _doc(maxLength=0)] = None  # not supported: only "" or null
 
     def check(self) -> None:
         """Cross-field rules pydantic does not express; ValueError naming the parameter."""
@@ -116,7 +155,7 @@ class CompletionRequest(_SamplingRequest):
             raise ValueError("prompt must not be empty")
         if len(self.prompts()) > MAX_PROMPTS:
             raise ValueError(f"prompt must be a list of at most {MAX_PROMPTS} prompts")
-        if self.suffix is not None:
+        if self.suffix:
             raise ValueError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of is not supported (only best_of == n)")
@@ -141,13 +180,18 @@ class CompletionRequest(_SamplingRequest):
         return self._sampling_params(max_tokens, self.logprobs, prompt_logprobs)
 
 
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
 class ContentPart(_Request):
-    type: str
+    # the only part type served is text (another one gets a 400 saying so)
+    model_config = ConfigDict(json_schema_extra={"required": ["type", "text"]})
+    type: Annotated[str, _doc(enum=["text"])]
     text: str | None = None
 
 
 class ChatMessage(_Request):
-    role: str
+    role: Annotated[str, _doc(enum=list(CHAT_ROLES))]
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
@@ -158,21 +202,21 @@ class ChatMessage(_Request):
             return self.content
         parts = []
         for part in self.content:
-            if part.type != "text" or part.text is None:
+            if part.type != "text":
                 raise ValueError(f"messages: content parts of type {part.type!r} are not supported")
+            if part.text is None:
+                raise ValueError("messages: a content part of type 'text' needs its text")
             parts.append(part.text)
         return "".join(parts)
 
 
-CHAT_ROLES = ("system", "developer", "user", "assistant")
-
-
 class ChatCompletionRequest(_SamplingRequest):
-    messages: list[ChatMessage]
-    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
-    max_completion_tokens: int | None = None
+    messages: Annotated[list[ChatMessage], _doc(minItems=1)]
+    # deprecated by OpenAI in favour of max_completion_tokens
+    max_tokens: Annotated[Int | None, _doc(minimum=1, **{"x-bound": "context"})] = None
+    max_completion_tokens: Annotated[Int | None, _doc(minimum=1, **{"x-bound": "context"})] = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[Int | None, _doc(minimum=0, maximum=MAX_LOGPROBS)] = None
 
     def check(self) -> None:
         if not self.messages:
@@ -209,7 +253,7 @@ class ChatCompletionRequest(_SamplingRequest):
 
 
 class TokenizeRequest(_Request):
-    model: str | None = None
+    model: Annotated[str | None, _doc(**{"x-bound": "model"})] = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = False  # prepend bos (the tokenizer never adds it by itself)
@@ -217,8 +261,8 @@ class TokenizeRequest(_Request):
 
 
 class DetokenizeRequest(_Request):
-    model: str | None = None
-    tokens: list[int]
+    model: Annotated[str | None, _doc(**{"x-bound": "model"})] = None
+    tokens: list[TokenId]
 
 
 # ---- responses ---------------------------------------------------------------------------------
