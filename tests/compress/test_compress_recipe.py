@@ -9,7 +9,7 @@ import torch
 import yaml
 from compress_helpers import tiny_config
 
-from fastserve.compress.recipe import PRESETS, Recipe
+from fastserve.compress.recipe import PRESETS, SPARSE_PRESETS, Recipe
 from fastserve.errors import ConfigError
 from fastserve.model.quantized import QuantScheme
 
@@ -73,7 +73,7 @@ def _error(d, model=None) -> str:
 
 
 def test_bad_recipes_name_the_problem(meta_model):
-    assert "unknown type 'SparseGPT'" in _error({"modifiers": [{"type": "SparseGPT"}]})
+    assert "unknown type 'QuIP'" in _error({"modifiers": [{"type": "QuIP"}]})
     msg = _error({"modifiers": [{"type": "GPTQ", "bitz": 4}]})
     assert "unknown parameter(s) bitz" in msg and "bits" in msg
     assert "bits must be one of" in _error({"modifiers": [{"type": "RTN", "bits": 5}]})
@@ -117,7 +117,8 @@ def test_example_recipes_load_and_match_the_presets_they_name(meta_model):
     for path in examples:
         recipe = Recipe.load(path)
         recipe.resolve(meta_model)
-        if path.stem in PRESETS:  # "Same as `--recipe <stem>`": same modifiers, same plan
+        named = path.stem in PRESETS or path.stem in SPARSE_PRESETS
+        if named:  # "Same as `--recipe <stem>`": same modifiers, same plan
             preset = Recipe.preset(path.stem)
             mods = [
                 {k: v for k, v in m.to_dict().items() if k != "ignore"} for m in recipe.modifiers
@@ -127,3 +128,5 @@ def test_example_recipes_load_and_match_the_presets_they_name(meta_model):
             ]
             assert mods == want, path.name
             assert recipe.resolve(meta_model) == preset.resolve(meta_model), path.name
+    stems = {p.stem for p in examples}
+    assert set(SPARSE_PRESETS) <= stems  # every pruning preset has its example file

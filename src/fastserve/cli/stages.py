@@ -235,14 +235,15 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
         required=True,
         metavar="RECIPE|PRESET",
         help="a YAML recipe file or a preset: w8a16, w4a16, w4a16-gptq, w4a16-awq, w3a16-gptq, "
-        "w8a8 (see docs/compress.md)",
+        "w8a8; pruning: sparse50-wanda, sparse50-sparsegpt, 2of4-sparsegpt (see docs/compress.md)",
     )
     p.add_argument(
         "--calib",
         default=None,
         metavar="DATA",
         help="calibration data: a shard dir from `fastserve data`, a text file or directory, "
-        "a .jsonl file or 'builtin:stdlib' (default: none, allowed only for RTN-only recipes)",
+        "a .jsonl file or 'builtin:stdlib' (default: none, allowed only for data-free recipes: "
+        "RTN, Magnitude)",
     )
     p.add_argument("--out", required=True, help="output directory for the compressed model dir")
     p.add_argument(

@@ -1,4 +1,5 @@
-"""The Llama-family model: config, network, KV cache, quantized layers and HF-layout checkpoints.
+"""The Llama-family model: config, network, KV cache, quantized layers, sparse storage and
+HF-layout checkpoints (compressed dirs rebuilt through the records of records.py).
 
 Knows tensors and shapes only: no sampling (fastserve.generate), no scheduling (fastserve.engine).
 """

@@ -9,11 +9,12 @@ when a tokenizer is given, whatever its `save_pretrained` writes. A tied lm_head
 `model.embed_tokens.weight` (as HF does). Loading checks names and shapes before touching the
 model, so a bad dir fails with one sentence naming the offending tensor.
 
-A model holding QuantLinear modules is saved as a compressed dir: `config.json` gets a
-`quantization_config` ({"quant_method": "fastserve", "format_version": 1, ..., "modules":
-{name: QuantScheme.to_dict()}}) and the packed int tensors are stored as they are. Loading such a
-dir builds the model on the meta device, swaps a QuantLinear in for every listed module, then
-loads the tensors (int tensors and float32 scales keep their dtypes; they must match exactly).
+A compressed model is saved with one config.json entry per kind of compression record
+(records.py: `quantization_config` for QuantLinear modules, `sparsity_config` for pruned
+linears stored as bitmasks). Loading builds the model on the meta device, lets each record swap
+in its runtime modules (a QuantLinear per quantized linear), reads the tensors through each
+record's decoder (bitmask parts -> a dense weight), checks names, shapes and the dtypes that must
+match exactly (int tensors, float32 scales), then lets each record check the result.
 
 What it does not know: pickled weights (`.bin`, `.pt`: refused, never unpickled), how a model was
 quantized (fastserve.compress), tokenizers (duck-typed `save_pretrained`), hub ids.
@@ -35,7 +36,7 @@ from fastserve import __version__
 from fastserve.errors import CheckpointError, ConfigError
 from fastserve.model.config import ModelConfig
 from fastserve.model.llama import LlamaForCausalLM
-from fastserve.model.quantized import QuantLinear, QuantScheme, quantization_modules, replace_linear
+from fastserve.model.records import RECORD_KINDS, QuantRecord
 from fastserve.utils.io import atomic_dir
 
 CONFIG_FILE = "config.json"
@@ -46,10 +47,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 # Buffers some HF checkpoints carry that this model recomputes instead of storing.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-QUANT_METHOD = "fastserve"
-QUANT_FORMAT_VERSION = 1
-_QUANT_RESERVED = ("quant_method", "format_version", "modules")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -93,23 +90,31 @@ def save_model(
     max_shard_size_bytes: int = 2 * 1024**3,
     generation_config: dict[str, Any] | None = None,
     quantization_config: dict[str, Any] | None = None,
+    sparsity_config: dict[str, Any] | None = None,
 ) -> Path:
     """Write `model` as an HF model dir at `path` (atomically replacing any existing dir).
 
     `generation_config` entries override the defaults (bos/eos/pad ids from the model config).
     `quantization_config` (method, bits, group_size, ... as the compressor describes them) is
     merged into config.json's quantization_config, which is written whenever the model holds
-    QuantLinear modules (ConfigError when it is given for a model without any). Returns the path.
+    QuantLinear modules (ConfigError when it is given for a model without any).
+    `sparsity_config` names the pruned linears ({"modules": {name: {"structure": "2:4"}}, plus
+    method, recipe, ...); their weights are stored as bitmasks (records.SparseRecord). Returns
+    the path.
     """
     if max_shard_size_bytes <= 0:
         raise ConfigError(f"max_shard_size_bytes must be positive, got {max_shard_size_bytes}")
-    quant_record = _quantization_record(model, quantization_config)
+    given = {"quantization_config": quantization_config, "sparsity_config": sparsity_config}
+    records = {kind.key: kind.make(model, given.get(kind.key)) for kind in RECORD_KINDS}
     config = model.config.replace(torch_dtype=_dtype_name(model.dtype))
     tensors = {
         name: t.detach().to("cpu").contiguous()
         for name, t in model.state_dict().items()
         if not (config.tie_word_embeddings and name == "lm_head.weight")
     }
+    for kind in RECORD_KINDS:
+        if records[kind.key] is not None:
+            tensors = kind.encode(tensors, records[kind.key])
     shards = _plan_shards(tensors, max_shard_size_bytes)
     gen = {
         "bos_token_id": config.bos_token_id,
@@ -119,8 +124,7 @@ def save_model(
     }
     with atomic_dir(path) as tmp:
         hf_config = {**config.to_hf_dict(), "fastserve_version": __version__}
-        if quant_record is not None:
-            hf_config["quantization_config"] = quant_record
+        hf_config.update({key: record for key, record in records.items() if record is not None})
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
         (tmp / GENERATION_CONFIG_FILE).write_text(
             json.dumps(gen, indent=2) + "\n", encoding="utf-8"
@@ -140,26 +144,6 @@ def save_model(
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return Path(path)
-
-
-def _quantization_record(
-    model: LlamaForCausalLM, extra: dict[str, Any] | None
-) -> dict[str, Any] | None:
-    modules = quantization_modules(model)
-    if not modules:
-        if extra is not None:
-            raise ConfigError("quantization_config was given but the model has no QuantLinear")
-        return None
-    extra = dict(extra or {})
-    clash = [k for k in _QUANT_RESERVED if k in extra]
-    if clash:
-        raise ConfigError(f"quantization_config must not set {clash}: save_model writes them")
-    return {
-        "quant_method": QUANT_METHOD,
-        "format_version": QUANT_FORMAT_VERSION,
-        **extra,
-        "modules": {name: scheme.to_dict() for name, scheme in modules.items()},
-    }
 
 
 # ---- load ----------------------------------------------------------------------------------------
@@ -221,61 +205,29 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
     return ModelConfig.from_hf_dict(d)
 
 
+def _read_config_dict(path: str | os.PathLike) -> dict[str, Any]:
+    load_config(path)  # the same existence / JSON / architecture checks
+    return json.loads((Path(path) / CONFIG_FILE).read_text(encoding="utf-8"))
+
+
+def read_records(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The compression records of config.json that are present ({key: checked record}, in
+    RECORD_KINDS order; empty for a dense dir). CheckpointError for a record FastServe cannot
+    load (a foreign method or format, another format_version, invalid module entries)."""
+    d = _read_config_dict(path)
+    config_path = Path(path) / CONFIG_FILE
+    return {
+        kind.key: kind.read(d[kind.key], config_path)
+        for kind in RECORD_KINDS
+        if d.get(kind.key) is not None
+    }
+
+
 def read_quantization_config(path: str | os.PathLike) -> dict[str, Any] | None:
     """config.json's quantization_config (None for a dense dir), checked: CheckpointError when it
     is not a FastServe one of a known format version or its module schemes are invalid."""
-    config_path = Path(path) / CONFIG_FILE
-    load_config(path)  # the same existence / JSON / architecture checks
-    qc = json.loads(config_path.read_text(encoding="utf-8")).get("quantization_config")
-    if qc is None:
-        return None
-    if not isinstance(qc, dict):
-        raise CheckpointError(f"quantization_config in {config_path} is not a JSON object")
-    method = qc.get("quant_method")
-    if method != QUANT_METHOD:
-        raise CheckpointError(
-            f"{config_path} uses quant_method {method!r}; FastServe loads {QUANT_METHOD!r} only"
-        )
-    if qc.get("format_version") != QUANT_FORMAT_VERSION:
-        raise CheckpointError(
-            f"{config_path} has quantization format_version {qc.get('format_version')!r}; "
-            f"this FastServe reads version {QUANT_FORMAT_VERSION}"
-        )
-    modules = qc.get("modules")
-    if not isinstance(modules, dict) or not modules:
-        raise CheckpointError(f"quantization_config in {config_path} lists no modules")
-    for name, scheme in modules.items():
-        try:
-            QuantScheme.from_dict(scheme)
-        except (ValueError, TypeError) as e:
-            raise CheckpointError(f"quantized module {name!r} in {config_path}: {e}") from e
-    return qc
-
-
-def _swap_quantized(
-    model: LlamaForCausalLM, modules: dict[str, Any], dtype: torch.dtype, path: Path
-) -> None:
-    """Replace each listed nn.Linear of the meta model by an empty (meta) QuantLinear."""
-    for name, d in modules.items():
-        try:
-            linear = model.get_submodule(name)
-        except AttributeError:
-            linear = None
-        if not isinstance(linear, torch.nn.Linear):
-            raise CheckpointError(f"quantized module {name!r} in {path} is not a linear layer")
-        scheme = QuantScheme.from_dict(d)
-        try:
-            qlin = QuantLinear(
-                linear.in_features,
-                linear.out_features,
-                scheme,
-                bias=linear.bias is not None,
-                dtype=dtype,
-                device="meta",
-            )
-            replace_linear(model, name, qlin)
-        except ValueError as e:
-            raise CheckpointError(f"quantized module {name!r} in {path}: {e}") from e
+    qc = _read_config_dict(path).get("quantization_config")
+    return None if qc is None else QuantRecord().read(qc, Path(path) / CONFIG_FILE)
 
 
 def load_model(
@@ -289,48 +241,53 @@ def load_model(
     checked tensors are assigned directly, so peak memory is one copy of the weights.
     """
     config = load_config(path)
-    quant = read_quantization_config(path)
+    records = read_records(path)
     target_dtype = parse_dtype(dtype, config.torch_dtype)
     files = weight_files(path)
+    kinds = [kind for kind in RECORD_KINDS if kind.key in records]
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    if quant is not None:
-        _swap_quantized(model, quant["modules"], target_dtype, Path(path))
+    fixed_dtypes: dict[str, torch.dtype] = {}  # stored tensors that keep their dtype exactly
+    for kind in kinds:
+        fixed_dtypes.update(kind.build(model, records[kind.key], target_dtype, Path(path)))
+    decoders = [d for kind in kinds if (d := kind.decoder(records[kind.key], Path(path)))]
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")  # loaded through embed_tokens
-    # Quantized buffers keep their stored dtype (ints, float32 scales); the rest is cast.
-    fixed_dtypes = {
-        f"{name}.{b}": t.dtype
-        for name, m in model.named_modules()
-        if isinstance(m, QuantLinear)
-        for b, t in m.named_buffers(recurse=False)
-        if b != "bias"
-    }
 
     state: dict[str, torch.Tensor] = {}
+
+    def take(name: str, tensor: torch.Tensor, f: Path) -> None:
+        if name not in expected:
+            raise CheckpointError(f"unexpected tensor {name!r} in {f}")
+        if tuple(tensor.shape) != expected[name]:
+            raise CheckpointError(
+                f"tensor {name!r} in {f} has shape {tuple(tensor.shape)}, expected {expected[name]}"
+            )
+        if name in fixed_dtypes:
+            if tensor.dtype != fixed_dtypes[name]:
+                raise CheckpointError(
+                    f"tensor {name!r} in {f} has dtype {_dtype_name(tensor.dtype)}, expected "
+                    f"{_dtype_name(fixed_dtypes[name])}"
+                )
+            state[name] = tensor.to(device=device)
+        else:
+            state[name] = tensor.to(device=device, dtype=target_dtype)
+
     for f in files:
         for name, tensor in iter_safetensors(f):
             if name.endswith(_IGNORED_SUFFIXES):
                 continue
             if config.tie_word_embeddings and name == "lm_head.weight":
                 continue  # tied: the head is the embedding, as HF treats it
-            if name not in expected:
-                raise CheckpointError(f"unexpected tensor {name!r} in {f}")
-            if tuple(tensor.shape) != expected[name]:
-                raise CheckpointError(
-                    f"tensor {name!r} in {f} has shape {tuple(tensor.shape)}, "
-                    f"expected {expected[name]}"
-                )
-            if name in fixed_dtypes:
-                if tensor.dtype != fixed_dtypes[name]:
-                    raise CheckpointError(
-                        f"tensor {name!r} in {f} has dtype {_dtype_name(tensor.dtype)}, expected "
-                        f"{_dtype_name(fixed_dtypes[name])}"
-                    )
-                state[name] = tensor.to(device=device)
+            decoder = next((d for d in decoders if d.claims(name)), None)
+            if decoder is None:
+                take(name, tensor, f)
             else:
-                state[name] = tensor.to(device=device, dtype=target_dtype)
+                for decoded_name, decoded in decoder.feed(name, tensor):
+                    take(decoded_name, decoded, f)
+    for decoder in decoders:
+        decoder.finish()
     missing = [k for k in expected if k not in state]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -338,12 +295,8 @@ def load_model(
 
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
-    for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            try:
-                m.check_tensors()
-            except ValueError as e:
-                raise CheckpointError(f"quantized module {name!r} in {path}: {e}") from e
+    for kind in kinds:
+        kind.check(model, records[kind.key], Path(path))
     model.config = config.replace(torch_dtype=_dtype_name(target_dtype))
     model.model.config = model.config
     return model.eval()

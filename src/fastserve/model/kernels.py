@@ -29,6 +29,11 @@ where two exact int8 matmuls (int8x2) are 2-2.5x faster than fp32 and more accur
 weight-only layers switch at INT8X2_MIN_ROWS. `dequant` rebuilds the float weight on every call
 (slow, no extra memory): it is the fallback, not a fast path.
 
+The kernels take tensors (`int8pack_mm`, `int8x2_mm`, `int4pack_mm`, `w8a8_mm`, `dequant_mm`
+and the layout conversion `int4pack_weights`); `quant_linear` and the policy read them off any
+object with the `QuantWeights` fields (QuantLinear has them), so this module imports nothing of
+fastserve.model and quantized.py imports it, not the other way round.
+
 What this module does not know: how weights were quantized (quantized.py, fastserve.compress),
 which modules are quantized, files.
 """
@@ -36,12 +41,11 @@ which modules are quantized, files.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from fastserve.model.quantized import QuantLinear, quantize_activations, unpack_int4_codes
 
 INT4_GROUP_SIZES = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts
 INT4_INNER_K_TILES = 2
@@ -53,41 +57,54 @@ INT8X2_MIN_ROWS = 16  # measured crossover int8pack -> int8x2 (between 8 and 16 
 KERNEL_DTYPE = torch.bfloat16  # activation dtype the CPU int8/int4 kernels are fast with
 
 
-def reference_quant_linear(x: Tensor, layer: QuantLinear) -> Tensor:
+class QuantWeights(Protocol):
+    """What the policy and `quant_linear` read from a quantized linear (QuantLinear's fields)."""
+
+    in_features: int
+    out_features: int
+    scheme: Any  # .bits, .group_size, .symmetric, .act_bits (a QuantScheme)
+    weight_packed: Tensor  # int8/uint8 [out, in] (8-bit) or uint8 [out, in // 2] (4/3-bit)
+    weight_scale: Tensor  # float32 [out, n_groups]
+    bias: Tensor | None
+    _kernel_cache: dict[Any, Any]  # kernel-layout copies, dropped whenever the weights change
+
+    def zero_point(self) -> Tensor | None: ...  # int32 [out, n_groups], None when symmetric
+
+    def dequantize(self) -> Tensor: ...  # float32 [out, in]
+
+    def int4_codes(self) -> Tensor: ...  # int32 [out, in]: the unsigned nibble codes
+
+
+def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Dynamic symmetric per-token int8: x [..., k] -> (q int8 [..., k], scale float32 [..., 1])."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(xf / scale).clamp(-127, 127).to(torch.int8), scale
+
+
+def w8a8_reference(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x fake-quantized per token (as the int_mm path does), times the float weight, in float32;
+    the output in x.dtype."""
+    q, s = quantize_activations(x)
+    y = F.linear(q.float() * s, weight)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def reference_quant_linear(x: Tensor, layer: QuantWeights) -> Tensor:
     """x @ dequantize().T (+ bias) in x.dtype; W8A8 layers first fake-quantize x per token (as the
     int_mm path does), in float32."""
     if layer.scheme.act_bits is not None:
-        q, s = quantize_activations(x)
-        x_fq = q.float() * s
-        y = F.linear(x_fq, layer.dequantize())
-        if layer.bias is not None:
-            y = y + layer.bias.float()
-        return y.to(x.dtype)
+        return w8a8_reference(x, layer.dequantize(), layer.bias)
     w = layer.dequantize().to(x.dtype)
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     return F.linear(x, w, bias)
 
 
-# ---- paths ---------------------------------------------------------------------------------------
-
-
-def _flatten(x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
-    return x.reshape(-1, x.shape[-1]), x.shape[:-1]
-
-
-def _finish(y: Tensor, layer: QuantLinear, lead: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    y = y.to(dtype)
-    if layer.bias is not None:
-        y = y + layer.bias.to(dtype)
-    return y.reshape(*lead, layer.out_features)
-
-
-def _dequant_path(x: Tensor, layer: QuantLinear) -> Tensor:
-    if layer.scheme.act_bits is not None:
-        return reference_quant_linear(x, layer)
-    w = layer.dequantize().to(x.dtype)
-    bias = None if layer.bias is None else layer.bias.to(x.dtype)
-    return F.linear(x, w, bias)
+# ---- kernels: tensors in, tensors out ------------------------------------------------------------
+# x2 is [rows, in] (rows >= 1); each returns [rows, out] in the kernel's output dtype, without bias.
 
 
 def _aligned(t: Tensor) -> Tensor:
@@ -97,75 +114,51 @@ def _aligned(t: Tensor) -> Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def _int8pack_path(x: Tensor, layer: QuantLinear) -> Tensor:
-    key = ("int8pack", x.device)
-    scale = layer._kernel_cache.get(key)
-    if scale is None:
-        # The kernel reads the weight rows with aligned loads: a tensor at an odd offset of a
-        # safetensors buffer crashes it, so realign once (replacing, not duplicating, the buffer).
-        layer._buffers["weight_packed"] = _aligned(layer.weight_packed)
-        scale = _aligned(layer.weight_scale[:, 0].to(KERNEL_DTYPE))
-        layer._kernel_cache[key] = scale
-    x2, lead = _flatten(x)
-    y = torch._weight_int8pack_mm(_aligned(x2.to(KERNEL_DTYPE)), layer.weight_packed, scale)
-    return _finish(y, layer, lead, x.dtype)
+def int8pack_mm(x2: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """8-bit weight-only per-channel: q int8 [out, in] and scale [out] (KERNEL_DTYPE), both
+    64-byte aligned (torch 2.13's kernel crashes on misaligned rows; `_aligned` makes them so)."""
+    return torch._weight_int8pack_mm(_aligned(x2.to(KERNEL_DTYPE)), q, scale)
 
 
-def int4_group_size(layer: QuantLinear) -> int | None:
-    """The int4 kernel's group size for this layer, or None when the kernel cannot serve it.
-    Per-channel scales are repeated over the largest supported group dividing in_features."""
-    if layer.scheme.group_size is not None:
-        g = layer.scheme.group_size
-        return g if g in INT4_GROUP_SIZES else None
-    return next((g for g in INT4_GROUP_SIZES if layer.in_features % g == 0), None)
+def int4pack_weights(
+    codes: Tensor, scale: Tensor, zero: Tensor | None, group_size: int
+) -> tuple[Tensor, Tensor]:
+    """(weight in the int4 kernel's layout, scales_and_zeros [k / g, n, 2] bf16) from the nibble
+    codes int32 [n, k], scale float32 [n, groups] and zero int32 [n, groups] (None: symmetric);
+    per-channel scales (one group) are repeated over the kernel's groups of `group_size`.
 
-
-def int4_kernel_weights(layer: QuantLinear) -> tuple[Tensor, Tensor, int]:
-    """(weight in the kernel's layout, scales_and_zeros [k / g, n, 2] bf16, g) for a 4/3-bit layer.
-
-    The kernel computes w = (code - 8) * scale + offset per (group, row), code = our nibble:
+    The kernel computes w = (code - 8) * scale + offset per (group, row):
     symmetric:  code = q + 8, w = q * s             -> offset = 0
     asymmetric: code = q,     w = (q - z) * s       -> offset = (8 - z) * s
     """
-    g = int4_group_size(layer)
-    if g is None:
-        raise ValueError(f"the int4 kernel cannot serve group size {layer.scheme.group_size}")
-    codes = unpack_int4_codes(layer.weight_packed)
     packed = torch._convert_weight_to_int4pack_for_cpu(codes.contiguous(), INT4_INNER_K_TILES)
-    num_groups = layer.in_features // g
-    scale = layer.weight_scale  # [n, groups of the scheme]
+    num_groups = codes.shape[1] // group_size
     if scale.shape[1] != num_groups:  # per-channel -> repeat over the kernel's groups
         scale = scale.expand(-1, num_groups)
-    zero = layer.zero_point()
     if zero is None:
         offset = torch.zeros_like(scale)
     else:
         zero = zero.expand(-1, num_groups) if zero.shape[1] != num_groups else zero
         offset = (8 - zero.float()) * scale
     sz = torch.stack((scale.t(), offset.t()), dim=-1).to(KERNEL_DTYPE).contiguous()
-    return packed, sz, g
+    return packed, sz
 
 
-def _int4pack_path(x: Tensor, layer: QuantLinear) -> Tensor:
-    key = ("int4pack", x.device)
-    cached = layer._kernel_cache.get(key)
-    if cached is None:
-        cached = int4_kernel_weights(layer)
-        layer._kernel_cache[key] = cached
-    packed, sz, g = cached
-    x2, lead = _flatten(x)
-    y = torch._weight_int4pack_mm_for_cpu(x2.to(KERNEL_DTYPE).contiguous(), packed, g, sz)
-    return _finish(y, layer, lead, x.dtype)
+def int4pack_mm(x2: Tensor, packed: Tensor, group_size: int, sz: Tensor) -> Tensor:
+    """4/3-bit weight-only: the kernel-layout weight and scales of `int4pack_weights`."""
+    return torch._weight_int4pack_mm_for_cpu(
+        x2.to(KERNEL_DTYPE).contiguous(), packed, group_size, sz
+    )
 
 
-def _int_mm_path(x: Tensor, layer: QuantLinear) -> Tensor:
-    x2, lead = _flatten(x)
+def w8a8_mm(x2: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """W8A8: per-token int8 x times q int8 [out, in] (exact int32 accumulation), float32 rescale
+    by scale float32 [out]."""
     xq, xs = quantize_activations(x2)
     # y^T = W q^T: with the stored [n, k] weight as the left operand, torch 2.13's CPU _int_mm is
     # 2-3x faster for 2..128 rows than q @ W^T (and equal at 1 row); int32 accumulation is exact.
-    acc = torch._int_mm(layer.weight_packed, xq.t()).t()
-    y = acc.float() * xs * layer.weight_scale[:, 0]
-    return _finish(y, layer, lead, x.dtype)
+    acc = torch._int_mm(q, xq.t()).t()
+    return acc.float() * xs * scale
 
 
 def split_activations_int8x2(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -183,17 +176,88 @@ def split_activations_int8x2(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]
     return q1.to(torch.int8), s1, q2.to(torch.int8), s2
 
 
-def _int8x2_path(x: Tensor, layer: QuantLinear) -> Tensor:
-    x2, lead = _flatten(x)
+def int8x2_mm(x2: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """8-bit weight-only per-channel through two exact int8 matmuls (split_activations_int8x2);
+    q int8 [out, in], scale float32 [out]; float32 output."""
     q1, s1, q2, s2 = split_activations_int8x2(x2)
-    w = layer.weight_packed
-    acc1 = torch._int_mm(w, q1.t()).t().float()
-    acc2 = torch._int_mm(w, q2.t()).t().float()
-    y = (acc1 * s1 + acc2 * s2) * layer.weight_scale[:, 0]
+    acc1 = torch._int_mm(q, q1.t()).t().float()
+    acc2 = torch._int_mm(q, q2.t()).t().float()
+    return (acc1 * s1 + acc2 * s2) * scale
+
+
+# ---- paths: a layer's tensors -> a kernel (kernel-layout copies cached on the layer) -------------
+
+
+def _flatten(x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    return x.reshape(-1, x.shape[-1]), x.shape[:-1]
+
+
+def _finish(y: Tensor, layer: QuantWeights, lead: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    y = y.to(dtype)
+    if layer.bias is not None:
+        y = y + layer.bias.to(dtype)
+    return y.reshape(*lead, layer.out_features)
+
+
+def _dequant_path(x: Tensor, layer: QuantWeights) -> Tensor:
+    return reference_quant_linear(x, layer)
+
+
+def _int8pack_path(x: Tensor, layer: QuantWeights) -> Tensor:
+    key = ("int8pack", x.device)
+    cached = layer._kernel_cache.get(key)
+    if cached is None:
+        # A tensor at an odd offset of a safetensors buffer crashes the kernel: realign once,
+        # replacing (not duplicating) the layer's buffer.
+        layer.weight_packed = _aligned(layer.weight_packed)
+        cached = _aligned(layer.weight_scale[:, 0].to(KERNEL_DTYPE))
+        layer._kernel_cache[key] = cached
+    x2, lead = _flatten(x)
+    return _finish(int8pack_mm(x2, layer.weight_packed, cached), layer, lead, x.dtype)
+
+
+def int4_group_size(layer: QuantWeights) -> int | None:
+    """The int4 kernel's group size for this layer, or None when the kernel cannot serve it.
+    Per-channel scales are repeated over the largest supported group dividing in_features."""
+    if layer.scheme.group_size is not None:
+        g = layer.scheme.group_size
+        return g if g in INT4_GROUP_SIZES else None
+    return next((g for g in INT4_GROUP_SIZES if layer.in_features % g == 0), None)
+
+
+def int4_kernel_weights(layer: QuantWeights) -> tuple[Tensor, Tensor, int]:
+    """(weight in the kernel's layout, scales_and_zeros [k / g, n, 2] bf16, g) for a 4/3-bit layer
+    (int4pack_weights on its tensors)."""
+    g = int4_group_size(layer)
+    if g is None:
+        raise ValueError(f"the int4 kernel cannot serve group size {layer.scheme.group_size}")
+    packed, sz = int4pack_weights(layer.int4_codes(), layer.weight_scale, layer.zero_point(), g)
+    return packed, sz, g
+
+
+def _int4pack_path(x: Tensor, layer: QuantWeights) -> Tensor:
+    key = ("int4pack", x.device)
+    cached = layer._kernel_cache.get(key)
+    if cached is None:
+        cached = int4_kernel_weights(layer)
+        layer._kernel_cache[key] = cached
+    packed, sz, g = cached
+    x2, lead = _flatten(x)
+    return _finish(int4pack_mm(x2, packed, g, sz), layer, lead, x.dtype)
+
+
+def _int_mm_path(x: Tensor, layer: QuantWeights) -> Tensor:
+    x2, lead = _flatten(x)
+    return _finish(w8a8_mm(x2, layer.weight_packed, layer.weight_scale[:, 0]), layer, lead, x.dtype)
+
+
+def _int8x2_path(x: Tensor, layer: QuantWeights) -> Tensor:
+    x2, lead = _flatten(x)
+    y = int8x2_mm(x2, layer.weight_packed, layer.weight_scale[:, 0])
     return _finish(y, layer, lead, x.dtype)
 
 
-PATHS: dict[str, Callable[[Tensor, QuantLinear], Tensor]] = {
+PATHS: dict[str, Callable[[Tensor, QuantWeights], Tensor]] = {
     "int8pack": _int8pack_path,
     "int8x2": _int8x2_path,
     "int4pack": _int4pack_path,
@@ -202,7 +266,7 @@ PATHS: dict[str, Callable[[Tensor, QuantLinear], Tensor]] = {
 }
 
 
-def supported_paths(layer: QuantLinear, device: torch.device | str = "cpu") -> list[str]:
+def supported_paths(layer: QuantWeights, device: torch.device | str = "cpu") -> list[str]:
     """The paths that can serve `layer` on `device` (always ending with "dequant")."""
     s = layer.scheme
     paths: list[str] = []
@@ -219,7 +283,7 @@ def supported_paths(layer: QuantLinear, device: torch.device | str = "cpu") -> l
     return paths
 
 
-def select_path(layer: QuantLinear, x: Tensor) -> str:
+def select_path(layer: QuantWeights, x: Tensor) -> str:
     """The policy: the first supported path, except that 8-bit weight-only layers use int8x2 from
     INT8X2_MIN_ROWS rows on (numbers: benchmarks/bench_kernels.py, docs/formats.md)."""
     paths = supported_paths(layer, x.device)
@@ -228,7 +292,7 @@ def select_path(layer: QuantLinear, x: Tensor) -> str:
     return paths[0]
 
 
-def quant_linear(x: Tensor, layer: QuantLinear, path: str | None = None) -> Tensor:
+def quant_linear(x: Tensor, layer: QuantWeights, path: str | None = None) -> Tensor:
     """y = layer(x) for x [..., in_features] through `path` (None = select_path)."""
     if x.shape[-1] != layer.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, layer expects {layer.in_features}")

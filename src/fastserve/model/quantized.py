@@ -24,7 +24,8 @@ int4 packing (4- and 3-bit), two values per byte, columns 2j (low nibble) and 2j
 The nibble is the unsigned code of torch's int4 CPU kernel (value = (code - 8) * scale + offset).
 
 What this module does not know: how q/scale/zero were chosen beyond RTN (GPTQ, AWQ live in
-fastserve.compress), which kernel runs a forward (fastserve.model.kernels), files (checkpoint.py).
+fastserve.compress), which kernel runs a forward (fastserve.model.kernels, which takes tensors and
+imports nothing from here), files (checkpoint.py, records.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from fastserve.model.kernels import quant_linear
+from fastserve.model.kernels import quantize_activations as quantize_activations  # re-exported
 
 SUPPORTED_BITS = (8, 4, 3)
 SUPPORTED_ACT_BITS = (None, 8)
@@ -181,14 +185,6 @@ def fake_quantize(
     if scale is None:
         scale, zero = compute_qparams(w, scheme)
     return dequantize(quantize(w, scale, zero, scheme), scale, zero, scheme).to(w.dtype)
-
-
-def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Dynamic symmetric per-token int8: x [..., k] -> (q int8 [..., k], scale float32 [..., 1])."""
-    xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True) / 127.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.round(xf / scale).clamp(-127, 127).to(torch.int8), scale
 
 
 # ---- int4 packing --------------------------------------------------------------------------------
@@ -370,9 +366,11 @@ class QuantLinear(nn.Module):
         """The float32 weight [out, in] this layer computes with (the reference path)."""
         return dequantize(self.q_values(), self.weight_scale, self.zero_point(), self.scheme)
 
-    def forward(self, x: Tensor) -> Tensor:
-        from fastserve.model.kernels import quant_linear
+    def int4_codes(self) -> Tensor:
+        """The unsigned nibble codes [out, in] as int32 (4/3-bit layers; the int4 kernel input)."""
+        return unpack_int4_codes(self.weight_packed)
 
+    def forward(self, x: Tensor) -> Tensor:
         return quant_linear(x, self)
 
     def check_tensors(self) -> None:

@@ -33,14 +33,18 @@ What it does not know: recipes, the layer walk (it gets `run()`, one calibration
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from fastserve.compress.calibration import capture_inputs
+from fastserve.compress.modifier import LayerContext, check_bool, check_float, check_int
 from fastserve.compress.quant import (
     LAYER_GROUPS,
     LinearGroup,
+    QuantModifier,
     Schemes,
     can_fold,
     fold_scales,
@@ -217,3 +221,43 @@ def awq_quantize_layer(
     for n in targets:
         qlin = QuantLinear.from_linear(layer.get_submodule(n), scheme_of(scheme, n))
         replace_linear(layer, n, qlin)
+
+
+@dataclass
+class AWQModifier(QuantModifier):
+    """AWQ (Lin et al. 2023): activation-aware per-channel scales, clipping search, then RTN."""
+
+    num_grid: int = 20  # alpha = i / num_grid for i < num_grid: the scale exponent grid
+    duo_scaling: bool = True  # s = mean|x|^alpha / mean|w|^(1-alpha) (False: mean|x|^alpha)
+    clip: bool = True  # search a per-(row, group) clipping ratio by output error
+    clip_grid: int = 20  # clipping ratios 1 - i / clip_grid ...
+    max_shrink: float = 0.5  # ... down to 1 - max_shrink
+    clip_max_tokens: int = 4096  # calibration tokens (evenly spaced) used by the clip search
+
+    type: ClassVar[str] = "AWQ"
+
+    def validate(self) -> None:
+        super().validate()
+        check_int(self.num_grid, "num_grid", 1)
+        check_bool(self.duo_scaling, "duo_scaling")
+        check_bool(self.clip, "clip")
+        check_int(self.clip_grid, "clip_grid", 1)
+        check_float(self.max_shrink, "max_shrink", 0.0, 1.0)
+        check_int(self.clip_max_tokens, "clip_max_tokens", 1)
+
+    def apply_layer(self, ctx: LayerContext) -> dict[str, float]:
+        """Scales folded and clipping searched on the float weights (a pruned weight stays 0:
+        scaling and clamping to a range holding 0 keep it), then RTN."""
+        names, schemes = list(ctx.targets), ctx.schemes
+        awq_scale_layer(ctx.layer, ctx.run, names, schemes, self.num_grid, self.duo_scaling)
+        awq_quantize_layer(
+            ctx.layer,
+            ctx.run,
+            names,
+            schemes,
+            self.clip,
+            self.clip_grid,
+            self.max_shrink,
+            self.clip_max_tokens,
+        )
+        return {}

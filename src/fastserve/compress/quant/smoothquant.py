@@ -15,11 +15,14 @@ What it does not know: quantization itself (the RTN/GPTQ modifier that follows d
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from fastserve.compress.calibration import capture_inputs
+from fastserve.compress.modifier import LayerContext, ModifierBase, check_float
 from fastserve.compress.quant import LAYER_GROUPS, can_fold, fold_scales
 
 _MIN_SCALE = 1e-5
@@ -65,3 +68,21 @@ def smooth_layer(
         fold_scales(layer, g, s)
         scales[g.prev] = s
     return scales
+
+
+@dataclass
+class SmoothQuantModifier(ModifierBase):
+    """SmoothQuant (Xiao et al. 2022): migrate activation outliers into the weights (fold into
+    the RMSNorms before q/k/v and gate/up). Changes no dtype; a quantizing modifier follows."""
+
+    alpha: float = 0.5  # migration strength: s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)
+
+    type: ClassVar[str] = "SmoothQuant"
+
+    def validate(self) -> None:
+        super().validate()
+        check_float(self.alpha, "alpha", 0.0, 1.0, hi_open=False)
+
+    def apply_layer(self, ctx: LayerContext) -> dict[str, float]:
+        smooth_layer(ctx.layer, ctx.run, list(ctx.targets), self.alpha)
+        return {}
