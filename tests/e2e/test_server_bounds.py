@@ -208,3 +208,40 @@ def test_integers_follow_json_schema(server):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
     for value in (4.5, "4", True):
         assert_error(post(server, {"prompt": "the cat", "max_tokens": value}), 400, "max_tokens")
+
+
+def test_a_huge_text_prompt_does_not_stall_the_event_loop(bounds_model_dir, tmp_path):
+    """A 10 MB text prompt takes the tokenizer seconds: it runs in a worker thread, so /health
+    answers meanwhile (it waited for the whole tokenization when it ran on the event loop)."""
+    import random
+    import threading
+    import time
+
+    from tiny_models import WORDS
+
+    rng = random.Random(0)
+    text = " ".join(rng.choice(WORDS) for _ in range(2_000_000))  # ~10 MB, < 16 MiB default
+    result = {}
+    proc = ServerProcess(bounds_model_dir, log_path=tmp_path / "huge.log").wait_ready()
+    try:
+
+        def send():
+            start = time.monotonic()
+            result["response"] = post(proc, {"prompt": text, "max_tokens": 1})
+            result["seconds"] = time.monotonic() - start
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        time.sleep(1.0)  # the body is sent and being tokenized
+        health = []
+        while sender.is_alive() and len(health) < 20:
+            start = time.monotonic()
+            assert httpx.get(proc.base_url + "/health", timeout=60).status_code == 200
+            health.append(time.monotonic() - start)
+            time.sleep(0.1)
+        sender.join()
+        assert_error(result["response"], 400, "prompt")  # far longer than the context
+        assert result["seconds"] > 2, result  # the tokenization really took a while
+        assert len(health) >= 3 and max(health) < 0.5, (health, result["seconds"])
+    finally:
+        assert proc.stop() == 0, proc.log()

@@ -78,6 +78,9 @@ class APIError(Exception):
         )
 
 
+_LARGE_BODY_BYTES = 1 << 20  # bodies above this are parsed in a worker thread
+
+
 def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, "invalid_request_error", param, None)
 
@@ -160,7 +163,10 @@ class OpenAIServer:
                 413, str(exc), "invalid_request_error", None, "request_too_large"
             ) from None
         try:
-            body = parse_json(raw, self.limits.max_json_depth)
+            if len(raw) > _LARGE_BODY_BYTES:  # its vectorised depth check releases the GIL
+                body = await asyncio.to_thread(parse_json, raw, self.limits.max_json_depth)
+            else:
+                body = parse_json(raw, self.limits.max_json_depth)
         except ValueError as exc:
             raise bad_request(str(exc)) from None
         if not isinstance(body, dict):
@@ -210,9 +216,15 @@ class OpenAIServer:
                     "max_tokens",
                 )
 
-    async def encode(self, texts: list[str]) -> list[list[int]]:
-        """Tokenize off the event loop (a long prompt must not stall other streams)."""
-        return await asyncio.to_thread(lambda: [self.tokenizer.encode(t) for t in texts])
+    async def encode(self, texts: list[str], add_bos: bool = False) -> list[list[int]]:
+        """Tokenize in a worker thread with the GIL released (the tokenizers library holds it
+        in a single `encode`, not in a batch), so a long prompt never stalls other streams."""
+        ids = await asyncio.to_thread(self.tokenizer.encode_batch, texts)
+        if add_bos:
+            if self.tokenizer.bos_token_id is None:
+                raise FastServeError("this tokenizer has no bos token, so add_bos is not possible")
+            ids = [[self.tokenizer.bos_token_id, *row] for row in ids]
+        return ids
 
     def resolve_max_tokens(self, num_prompt: int, requested: int | None, param: str) -> int:
         """vLLM's rule: prompt + max_tokens must fit the context; None -> fill the context.
@@ -484,7 +496,7 @@ class OpenAIServer:
         else:
             text = req.prompt
         try:
-            ids = await asyncio.to_thread(self.tokenizer.encode, text, req.add_special_tokens)
+            (ids,) = await self.encode([text], add_bos=req.add_special_tokens)
         except FastServeError as exc:
             raise bad_request(str(exc), "add_special_tokens") from None
         return _json(

@@ -14,7 +14,6 @@ What this module does not know: routes, schemas, the engine.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,18 +70,31 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')  # a JSON string literal (brackets inside do not nest)
-_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
-
-
 def json_depth(raw: bytes) -> int:
-    """How deeply arrays and objects nest in `raw` (0 for a scalar); linear time, no recursion,
-    so a hostile body cannot exhaust the stack (Python's json recurses per level)."""
-    brackets = np.frombuffer(_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS), np.uint8)
+    """How deeply arrays and objects nest in `raw` (0 for a scalar). No recursion, so a hostile
+    body cannot exhaust the stack as Python's json would, and a few vectorised passes over the
+    bytes, so a 16 MiB body costs the event loop milliseconds: brackets count only outside
+    strings, and a quote is escaped when an odd run of backslashes ends just before it."""
+    b = np.frombuffer(raw, np.uint8)
+    quotes = np.flatnonzero(b == ord('"'))
+    slashes = np.flatnonzero(b == ord("\\"))
+    if slashes.size and quotes.size:
+        # run_start[k]: where the run of consecutive backslashes holding slashes[k] starts
+        breaks = np.flatnonzero(np.diff(slashes) != 1) + 1
+        starts = np.zeros(slashes.size, np.int64)
+        starts[breaks] = breaks
+        run_start = slashes[np.maximum.accumulate(starts)]
+        k = np.searchsorted(slashes, quotes) - 1
+        ends_before = (k >= 0) & (slashes[np.maximum(k, 0)] == quotes - 1)
+        run = np.where(ends_before, quotes - run_start[np.maximum(k, 0)], 0)
+        quotes = quotes[run % 2 == 0]
+    brackets = np.flatnonzero((b == ord("[")) | (b == ord("{")) | (b == ord("]")) | (b == ord("}")))
+    # a bracket is inside a string when an odd number of real quotes precede it
+    brackets = brackets[np.searchsorted(quotes, brackets) % 2 == 0]
     if brackets.size == 0:
         return 0
-    steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)
-    return int(np.cumsum(steps).max())
+    opening = (b[brackets] == ord("[")) | (b[brackets] == ord("{"))
+    return max(int(np.cumsum(np.where(opening, 1, -1)).max()), 0)
 
 
 def _no_constants(name: str):
