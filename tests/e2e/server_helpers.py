@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -92,6 +93,16 @@ class ServerProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+@contextlib.contextmanager
+def running_server(model_dir: Path, *args: str, **kwargs):
+    """A ready ServerProcess for the `with` block; on leaving, SIGTERM and it must exit 0."""
+    proc = ServerProcess(model_dir, *args, **kwargs)
+    try:
+        yield proc.wait_ready()
+    finally:
+        assert proc.stop() == 0, proc.log()[-5000:]
 
 
 def wait_for(predicate, timeout_s: float = 30.0, interval_s: float = 0.05):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_helpers import ServerProcess, make_model_dir, wait_for
+from server_helpers import ServerProcess, make_model_dir, running_server, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -26,7 +26,7 @@ def bounds_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(bounds_model_dir):
-    proc = ServerProcess(
+    with running_server(
         bounds_model_dir,
         "--max-body-size",
         "256KiB",
@@ -35,11 +35,8 @@ def server(bounds_model_dir):
         "--max-request-tokens",
         "4000",
         launcher=[*LAUNCHER, "poison-seed"],
-    )
-    try:
-        yield proc.wait_ready()
-    finally:
-        assert proc.stop() == 0, proc.log()
+    ) as proc:
+        yield proc
 
 
 def post(server, body, path="/v1/completions", **kwargs) -> httpx.Response:
@@ -222,8 +219,7 @@ def test_a_huge_text_prompt_does_not_stall_the_event_loop(bounds_model_dir, tmp_
     rng = random.Random(0)
     text = " ".join(rng.choice(WORDS) for _ in range(2_000_000))  # ~10 MB, < 16 MiB default
     result = {}
-    proc = ServerProcess(bounds_model_dir, log_path=tmp_path / "huge.log").wait_ready()
-    try:
+    with running_server(bounds_model_dir, log_path=tmp_path / "huge.log") as proc:
 
         def send():
             start = time.monotonic()
@@ -243,5 +239,3 @@ def test_a_huge_text_prompt_does_not_stall_the_event_loop(bounds_model_dir, tmp_
         assert_error(result["response"], 400, "prompt")  # far longer than the context
         assert result["seconds"] > 2, result  # the tokenization really took a while
         assert len(health) >= 3 and max(health) < 0.5, (health, result["seconds"])
-    finally:
-        assert proc.stop() == 0, proc.log()

@@ -36,7 +36,7 @@ import pytest
 import torch
 from reliability_settings import report, scale
 
-from e2e.server_helpers import ServerProcess, make_model_dir, sse_data, wait_for
+from e2e.server_helpers import ServerProcess, make_model_dir, running_server, sse_data, wait_for
 from fastserve import LLM, SamplingParams
 from fastserve.engine.runner import ModelRunner
 
@@ -205,7 +205,7 @@ def storm_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(storm_model_dir):
-    proc = ServerProcess(
+    with running_server(
         storm_model_dir,
         "--policy",
         "mlfq",
@@ -219,11 +219,8 @@ def server(storm_model_dir):
         "swap",
         "--max-num-seqs",
         "32",
-    )
-    try:
-        yield proc.wait_ready()
-    finally:
-        assert proc.stop() == 0, proc.log()[-5000:]
+    ) as proc:
+        yield proc
 
 
 def test_abort_storm_frees_everything_and_survivors_match_offline(server, storm_model_dir):

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from reliability_settings import report, scale
 from schemathesis.generation import GenerationMode
 
-from e2e.server_helpers import ServerProcess, make_model_dir
+from e2e.server_helpers import make_model_dir, running_server
 from fastserve.engine import EngineConfig, LLMEngine, SamplingParams
 from fastserve.model import load_model
 
@@ -39,7 +39,7 @@ def fuzz_model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(fuzz_model_dir):
     # a short context and queue keep every generated request small
-    proc = ServerProcess(
+    with running_server(
         fuzz_model_dir,
         "--max-model-len",
         "64",
@@ -49,11 +49,8 @@ def server(fuzz_model_dir):
         "1MiB",
         "--log-level",
         "warning",
-    )
-    try:
-        yield proc.wait_ready()
-    finally:
-        assert proc.stop() == 0, proc.log()
+    ) as proc:
+        yield proc
 
 
 def probe(server) -> str:

@@ -31,7 +31,7 @@ import httpx
 import pytest
 from reliability_settings import report, scale
 
-from e2e.server_helpers import ServerProcess, make_model_dir, sse_data, wait_for
+from e2e.server_helpers import ServerProcess, make_model_dir, running_server, sse_data, wait_for
 from tiny_models import WORDS
 
 NUM_STREAMS = 64
@@ -175,7 +175,7 @@ def server(tmp_path_factory):
     model_dir = make_model_dir(tmp_path_factory.mktemp("soak") / "model")
     # 8 MiB = 1024 blocks of 16 tokens: 64 streams need < 700, so nothing is preempted, and the
     # warm-up writes the whole pool (its pages are resident before the first RSS sample)
-    proc = ServerProcess(
+    with running_server(
         model_dir,
         "--policy",
         "mlfq",
@@ -185,11 +185,8 @@ def server(tmp_path_factory):
         "8MiB",
         "--max-num-seqs",
         str(NUM_STREAMS),
-    )
-    try:
-        yield proc.wait_ready()
-    finally:
-        assert proc.stop() == 0, proc.log()[-5000:]
+    ) as proc:
+        yield proc
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc")
