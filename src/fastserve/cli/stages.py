@@ -117,7 +117,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                 help=help_text,
             )
             continue
-        kind = {"int": int, "float": float, "str": str, "float | None": float}.get(str(f.type), str)
+        kind = {
+            "int": int,
+            "float": float,
+            "str": str,
+            "float | None": float,
+            "int | None": int,
+        }.get(str(f.type), str)
         required = default is dataclasses.MISSING
         p.add_argument(
             *names,
@@ -235,7 +241,8 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
         required=True,
         metavar="RECIPE|PRESET",
         help="a YAML recipe file or a preset: w8a16, w4a16, w4a16-gptq, w4a16-awq, w3a16-gptq, "
-        "w8a8; pruning: sparse50-wanda, sparse50-sparsegpt, 2of4-sparsegpt (see docs/compress.md)",
+        "w8a8; pruning: sparse50-wanda, sparse50-sparsegpt, 2of4-sparsegpt, struct30 (a smaller "
+        "dense model; see docs/compress.md)",
     )
     p.add_argument(
         "--calib",
@@ -286,6 +293,10 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     size = sum(f.stat().st_size for f in result.out_dir.iterdir() if f.suffix == ".safetensors")
     errors = result.layer_errors
     worst = f", worst layer output error {max(errors):.2e}" if errors else ""
+    if result.structure:  # structured pruning: a smaller dense model
+        before, after = result.structure["num_parameters"]
+        widths = ", ".join(f"{k} {v}" for k, v in result.structure["pruned"].items())
+        worst += f", {before / 1e6:.2f}M -> {after / 1e6:.2f}M parameters ({widths})"
     console.print(
         f"[green]wrote[/green] {result.out_dir} (recipe {result.recipe.name}, "
         f"{size / 2**20:.1f} MiB of weights, {result.time_s:.1f} s{worst})"

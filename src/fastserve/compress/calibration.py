@@ -167,12 +167,20 @@ class LayerWalker:
             pass
 
     @torch.no_grad()
-    def advance(self, layer: nn.Module, reference: nn.Module | None = None) -> float | None:
+    def advance(
+        self,
+        layer: nn.Module,
+        reference: nn.Module | None = None,
+        observe: Callable[[Tensor, Tensor], None] | None = None,
+    ) -> float | None:
         """Replace the inputs by `layer`'s outputs (the next layer's inputs). With `reference`
         (the layer before compression), return the relative squared error of the outputs,
-        sum ||y - y_ref||^2 / sum ||y_ref||^2 on these same inputs."""
+        sum ||y - y_ref||^2 / sum ||y_ref||^2 on these same inputs. `observe(x, y)` sees each
+        mini-batch's input and output (block influence, structured.py)."""
         outputs, err, norm = [], 0.0, 0.0
         for x, y in self.run(layer):
+            if observe is not None:
+                observe(x, y)
             if reference is not None:
                 y_ref = reference(x, self.cos, self.sin, None)
                 err += float((y.double() - y_ref.double()).pow(2).sum())

@@ -12,10 +12,11 @@ Order of work (every check before any write; the output dir appears complete or 
   2. calibration tokens loaded (DataError when missing, empty or too small); a data-free recipe
      (RTN, Magnitude) needs none, but uses them for the per-layer error report when given
   3. model loaded in float32; the modifiers' lifecycle (fastserve.compress.modifier): each
-     modifier's `initialize`, then layer by layer each modifier of the recipe, in order,
-     transforms the layer's targets (`apply_layer`: collecting what it needs through hooks on
-     calibration passes), then the compressed layer's outputs become the next layer's inputs;
-     then each modifier's `finalize`
+     modifier's `initialize` (a structured modifier, always first, shrinks the model there),
+     then layer by layer each other modifier of the recipe, in order, transforms the layer's
+     targets (`apply_layer`: collecting what it needs through hooks on calibration passes),
+     then the compressed layer's outputs become the next layer's inputs; then each modifier's
+     `finalize`
   4. saved with `save_model(..., quantization_config=..., sparsity_config=...)` (one summary per
      record kind the recipe's modifiers contribute to) plus `recipe.yaml` (the resolved recipe,
      every parameter spelled out) in one atomic directory write
@@ -67,6 +68,9 @@ class CompressResult:
     linear_errors: dict[str, float] = field(default_factory=dict)
     quantization_config: dict[str, Any] = field(default_factory=dict)  # what config.json records
     sparsity_config: dict[str, Any] = field(default_factory=dict)  # (empty: nothing pruned)
+    # What a structured modifier removed (StructuredPruneModifier.summary: widths before/after,
+    # removed layers, block influence, parameter counts); empty without one.
+    structure: dict[str, Any] = field(default_factory=dict)
     out_dir: Path | None = None  # the written model dir (None for compress_model)
     model: nn.Module | None = field(default=None, repr=False)  # the compressed model, in memory
     # The in-memory records, {config.json key: summary} (save_model completes them).
@@ -143,19 +147,23 @@ def compress_model(
     session = Session(model, input_ids, torch.device(device), plan)
     for mod, targets in zip(recipe.modifiers, plan):
         mod.initialize(session, targets)
-    num_layers = len(model.model.layers)
     layer_errors: list[float] = []
     linear_errors: dict[str, float] = {}
 
     def apply(layer: nn.Module, idx: int, run: Any) -> None:
         for mod, targets in zip(recipe.modifiers, plan):
+            if mod.reshapes:
+                continue  # done in initialize
             layer_targets = _by_layer(targets, idx)
             if layer_targets:
                 ctx = LayerContext(layer, idx, layer_targets, run, session)
                 errs = mod.apply_layer(ctx)
                 linear_errors.update({f"model.layers.{idx}.{n}": e for n, e in errs.items()})
 
-    if input_ids is None:
+    num_layers = len(model.model.layers)  # after a structured modifier's initialize
+    if all(mod.reshapes for mod in recipe.modifiers):
+        pass  # nothing to walk
+    elif input_ids is None:
         for idx in range(num_layers):
             apply(model.model.layers[idx], idx, None)
     else:
@@ -174,6 +182,7 @@ def compress_model(
     for mod, targets in zip(recipe.modifiers, plan):
         mod.finalize(session, targets)
     records = _records(recipe, session)
+    structure = next((m.summary() for m in recipe.modifiers if m.reshapes), {})
     return CompressResult(
         recipe,
         time.perf_counter() - start,
@@ -183,6 +192,7 @@ def compress_model(
         linear_errors=linear_errors,
         quantization_config=records.get(QUANT_RECORD, {}),
         sparsity_config=records.get(SPARSE_RECORD, {}),
+        structure=structure,
         model=model,
         records=records,
     )

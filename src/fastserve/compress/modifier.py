@@ -19,7 +19,12 @@ computes lives in private attributes set in `initialize`, so one Recipe can run 
     record_key                                      the config.json record it contributes to;
                                                     the compressor summarizes each record from
                                                     its modifiers (quant.quantization_summary,
-                                                    prune.sparsity_summary)
+                                                    prune.sparsity_summary); None: no record
+
+A modifier that `reshapes` (structured pruning: prune/structured.py) changes the model's config.
+It must come first in a recipe, does all its work in `initialize`, is never walked, and
+`reshape_config(config, where)` tells `Recipe.resolve` the config that the modifiers after it
+are resolved on.
 
 What it does not know: the algorithms (each modifier's file), how layers are walked
 (calibration.py), files (fastserve.model.checkpoint).
@@ -107,7 +112,8 @@ class Modifier(Protocol):
     quantizes: ClassVar[bool]  # replaces its targets by QuantLinear modules
     prunes: ClassVar[bool]  # zeroes weights of its targets (recorded in sparsity_config)
     needs_data: ClassVar[bool]  # needs calibration tokens
-    record_key: ClassVar[str]  # QUANT_RECORD or SPARSE_RECORD
+    reshapes: ClassVar[bool]  # changes the model's config (module docstring)
+    record_key: ClassVar[str | None]  # QUANT_RECORD, SPARSE_RECORD or None (no record)
     targets: list[str]
     ignore: list[str]
 
@@ -137,7 +143,8 @@ class ModifierBase:
     quantizes: ClassVar[bool] = False
     prunes: ClassVar[bool] = False
     needs_data: ClassVar[bool] = True
-    record_key: ClassVar[str] = QUANT_RECORD
+    reshapes: ClassVar[bool] = False
+    record_key: ClassVar[str | None] = QUANT_RECORD
 
     def validate(self) -> None:
         for name in ("targets", "ignore"):

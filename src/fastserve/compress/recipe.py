@@ -25,6 +25,9 @@ A recipe file (llm-compressor's shape, flattened):
         sparsity: 0.5
         mask_structure: "2:4"      # or unstructured (the default)
 
+A `Structured` modifier (smaller dense widths: prune/structured.py) must come first; the
+modifiers after it are resolved on the smaller model it makes (its `reshape_config`).
+
 Patterns match full module names (`model.layers.3.mlp.down_proj`); a pattern without a dot also
 matches the last name component (`down_proj`). Regexes use `re.match` (anchored at the start), as
 llm-compressor does. Only linears inside decoder layers can be compressed (the calibration walks
@@ -34,7 +37,8 @@ Everything a recipe can get wrong is checked here, before any work: unknown modi
 parameters, values out of range, group sizes that do not divide a target's in_features (unless
 the modifier has group_size_fallback, as the int4/int3 presets do), a linear quantized or pruned
 by two modifiers, a scaling or pruning modifier placed after the one that quantizes its layers,
-an N:M structure whose M does not divide a target's in_features. Each modifier checks its own
+an N:M structure whose M does not divide a target's in_features, a structured modifier that is
+not first or whose widths fall below one unit. Each modifier checks its own
 targets (`check_targets`, fastserve.compress.modifier); `resolve` gives each target the scheme it
 will be quantized with (`LayerTarget.scheme`).
 
@@ -51,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from torch import nn
 
@@ -66,6 +71,7 @@ from fastserve.compress.modifier import (
 from fastserve.compress.prune import PruneModifier
 from fastserve.compress.prune.magnitude import MagnitudeModifier
 from fastserve.compress.prune.sparsegpt import SparseGPTModifier
+from fastserve.compress.prune.structured import StructuredPruneModifier
 from fastserve.compress.prune.wanda import WandaModifier
 from fastserve.compress.quant import MIN_FALLBACK_GROUP_SIZE, QuantModifier
 from fastserve.compress.quant.awq import AWQModifier
@@ -81,6 +87,7 @@ __all__ = [  # the modifiers, importable from here as before they moved beside t
     "MODIFIER_TYPES",
     "PRESETS",
     "SPARSE_PRESETS",
+    "STRUCTURED_PRESETS",
     "AWQModifier",
     "GPTQModifier",
     "LayerTarget",
@@ -93,6 +100,7 @@ __all__ = [  # the modifiers, importable from here as before they moved beside t
     "RTNModifier",
     "SmoothQuantModifier",
     "SparseGPTModifier",
+    "StructuredPruneModifier",
     "WandaModifier",
 ]
 
@@ -108,6 +116,7 @@ MODIFIER_TYPES: dict[str, type[ModifierBase]] = {
         SparseGPTModifier,
         WandaModifier,
         MagnitudeModifier,
+        StructuredPruneModifier,
     )
 }
 
@@ -161,7 +170,14 @@ SPARSE_PRESETS: dict[str, list[dict[str, Any]]] = {
     "sparse50-sparsegpt": [{"type": "SparseGPT", "sparsity": 0.5}],
     "2of4-sparsegpt": [{"type": "SparseGPT", "sparsity": 0.5, "mask_structure": "2:4"}],
 }
-_ALL_PRESETS = {**PRESETS, **SPARSE_PRESETS}
+# Structured pruning to a smaller dense model (docs/compress.md "Structured pruning"): 30% of the
+# MLP channels of every layer, and 30% of the KV groups where the kept query heads still divide
+# hidden_size (transformers requires it; on FastServe's tiny/small/base presets they do not, so
+# no head goes there).
+STRUCTURED_PRESETS: dict[str, list[dict[str, Any]]] = {
+    "struct30": [{"type": "Structured", "mlp_sparsity": 0.3, "head_sparsity": 0.3}],
+}
+_ALL_PRESETS = {**PRESETS, **SPARSE_PRESETS, **STRUCTURED_PRESETS}
 
 
 # ---- recipe --------------------------------------------------------------------------------------
@@ -186,11 +202,17 @@ class Recipe:
         if not isinstance(recipe.name, str):
             raise ConfigError(f"recipe name must be a string, got {recipe.name!r}")
         mods = recipe.modifiers
-        if not any(m.quantizes or m.prunes for m in mods):
+        if not any(m.quantizes or m.prunes or m.reshapes for m in mods):
             raise ConfigError(
                 "the recipe quantizes nothing and prunes nothing: add an RTN, GPTQ or AWQ "
-                "modifier, or a SparseGPT, Wanda or Magnitude one"
+                "modifier, or a SparseGPT, Wanda, Magnitude or Structured one"
             )
+        for i, m in enumerate(mods):
+            if m.reshapes and i > 0:
+                raise ConfigError(
+                    f"recipe modifier {i + 1} ({m.type}) must be the first modifier: it changes "
+                    "the model's widths, and the modifiers after it run on the smaller model"
+                )
         if any(m.record_key == QUANT_RECORD for m in mods) and not any(m.quantizes for m in mods):
             raise ConfigError("the recipe quantizes nothing: add an RTN, GPTQ or AWQ modifier")
         return recipe
@@ -229,7 +251,8 @@ class Recipe:
 
     def resolve(self, model: nn.Module) -> list[list[LayerTarget]]:
         """The linears each modifier applies to, in module order; ConfigError when the recipe
-        cannot run on this model. `model` may live on the meta device (only names and shapes)."""
+        cannot run on this model. `model` may live on the meta device (only names and shapes).
+        After a reshaping modifier the rest are resolved on the smaller model it makes."""
         linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         plan: list[list[LayerTarget]] = []
         state = ResolveState()
@@ -249,13 +272,22 @@ class Recipe:
                 targets.append(LayerTarget(n, int(m.group(1)), m.group(2), linears[n].in_features))
             mod.check_targets(targets, where, state, i)
             plan.append(targets)
+            if mod.reshapes:
+                from fastserve.model.llama import LlamaForCausalLM
+
+                with torch.device("meta"):
+                    smaller = LlamaForCausalLM(mod.reshape_config(model.config, where))
+                linears = {n: m for n, m in smaller.named_modules() if isinstance(m, nn.Linear)}
         return plan
 
     def fallback_note(self, plan: list[list[LayerTarget]]) -> str | None:
         """One line naming the linears of `plan` (by their name inside a layer) whose group size
-        fell back from their modifier's (group_size_fallback); None when none did."""
+        fell back from their modifier's (group_size_fallback), and a structured modifier's note
+        (fewer KV groups removed than asked); None when there is neither."""
         parts = []
         for mod, targets in zip(self.modifiers, plan):
+            if mod.reshapes and mod.resolve_note():
+                parts.append(mod.resolve_note())
             if not isinstance(mod, QuantModifier):
                 continue
             moved: dict[str, list[str]] = {}

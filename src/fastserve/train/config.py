@@ -74,6 +74,29 @@ class TrainConfig:
     resume: bool = False
     # Stop after this many seconds of wall time, saving a checkpoint and the model (None: no limit).
     max_time_s: float | None = None
+    # Training-time pruning of the decoder linears (embeddings and lm_head stay dense): none;
+    # gradual (magnitude, Zhu & Gupta's cubic schedule); lottery (iterative magnitude pruning with
+    # weight rewinding, Frankle & Carbin). Pruned weights stay exactly 0; the final model is sparse.
+    prune: str = "none"
+    # Rank |w| within each linear (layer: each loses the same fraction) or all together (global).
+    prune_scope: str = "layer"
+    # gradual: final sparsity s_f, reached at prune_end_step.
+    prune_sparsity: float = 0.5
+    # gradual: sparsity s_i set at prune_start_step.
+    prune_initial_sparsity: float = 0.0
+    # gradual: step t0 after which the first mask is set (0: before the first step).
+    prune_start_step: int = 0
+    # gradual: step at which the sparsity reaches prune_sparsity (None: 3/4 of max_steps).
+    prune_end_step: int | None = None
+    # gradual: recompute the mask every N steps between prune_start_step and prune_end_step.
+    prune_interval: int = 10
+    # lottery: pruning rounds; the run trains prune_rounds + 1 segments, pruning between them.
+    prune_rounds: int = 3
+    # lottery: fraction of the remaining weights pruned after each segment.
+    prune_rate_per_round: float = 0.2
+    # lottery: step whose weights (and learning rate) every later segment restarts from; needs
+    # max_steps - rewind_step divisible by prune_rounds + 1.
+    rewind_step: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -123,7 +146,58 @@ class TrainConfig:
             raise ConfigError("model_overrides must be a mapping of config field to value.")
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
             raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}.")
+        self._validate_pruning()
         return self
+
+    @property
+    def resolved_prune_end_step(self) -> int:
+        """prune_end_step, or 3/4 of max_steps when it is None."""
+        return self.max_steps * 3 // 4 if self.prune_end_step is None else self.prune_end_step
+
+    def _validate_pruning(self) -> None:
+        from fastserve.train.pruning import METHODS, SCOPES
+
+        if self.prune not in METHODS:
+            raise ConfigError(f"prune must be one of {', '.join(METHODS)}, got {self.prune!r}.")
+        if self.prune_scope not in SCOPES:
+            raise ConfigError(
+                f"prune_scope must be one of {', '.join(SCOPES)}, got {self.prune_scope!r}."
+            )
+        for name in ("prune_start_step", "prune_interval", "prune_rounds", "rewind_step"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}.")
+        if self.prune == "gradual":
+            s_i, s_f = self.prune_initial_sparsity, self.prune_sparsity
+            if not (0 <= s_f < 1):
+                raise ConfigError(f"prune_sparsity must be in [0, 1), got {s_f!r}.")
+            if not (0 <= s_i <= s_f):
+                raise ConfigError(
+                    f"prune_initial_sparsity must be in [0, prune_sparsity={s_f}], got {s_i!r}."
+                )
+            if self.prune_interval < 1:
+                raise ConfigError(f"prune_interval must be at least 1, got {self.prune_interval}.")
+            start, end = self.prune_start_step, self.resolved_prune_end_step
+            if not (isinstance(end, int) and start < end <= self.max_steps):
+                raise ConfigError(
+                    f"prune=gradual needs prune_start_step < prune_end_step <= max_steps, got "
+                    f"{start}, {end}, {self.max_steps}."
+                )
+        if self.prune == "lottery":
+            if self.prune_rounds < 1:
+                raise ConfigError(f"prune_rounds must be at least 1, got {self.prune_rounds}.")
+            if not (0 < self.prune_rate_per_round < 1):
+                raise ConfigError(
+                    f"prune_rate_per_round must be in (0, 1), got {self.prune_rate_per_round!r}."
+                )
+            segments, span = self.prune_rounds + 1, self.max_steps - self.rewind_step
+            if span < segments or span % segments:
+                fit = self.rewind_step + max(span // segments, 1) * segments
+                raise ConfigError(
+                    f"prune=lottery trains {segments} segments of equal length after rewind_step: "
+                    f"max_steps - rewind_step ({span}) must be a positive multiple of {segments} "
+                    f"(e.g. max_steps {fit})."
+                )
 
     def check_block_size(self, max_position_embeddings: int) -> None:
         """block_size is bounded by the model's context; known only once the model is resolved."""

@@ -5,8 +5,9 @@
 
 One optimizer step = grad_accum micro-batches per process, each forward/backward in the compute
 dtype, gradients averaged over processes (DDP) on the last micro-batch, clipped, AdamW step with
-the scheduled learning rate. `step` counts completed optimizer steps; checkpoint step_N holds the
-state after N steps, and metrics line N describes step N.
+the scheduled learning rate, then the pruning masks (cfg.prune; train/pruning.py) re-applied.
+`step` counts completed optimizer steps; checkpoint step_N holds the state after N steps, and
+metrics line N describes step N.
 
 Invariants a resumed or distributed run relies on:
 - batches are a pure function of (seed, step, global micro-batch index) (see batches.py) and the
@@ -39,6 +40,7 @@ from fastserve.train.batches import BatchSampler
 from fastserve.train.config import TrainConfig
 from fastserve.train.metrics import MetricsLog, ProgressLine, write_run_info
 from fastserve.train.optim import build_optimizer, lr_at, set_lr
+from fastserve.train.pruning import build_pruner
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 
@@ -207,6 +209,7 @@ def _train(cfg: TrainConfig, env: dist_utils.DistributedEnv, show: bool) -> Trai
     )
 
     resume_from, state = _resume(cfg, model, optimizer)
+    pruner = build_pruner(cfg, model, optimizer, state.get("pruning"))  # None: no pruning
     start_step, tokens_seen = int(state.get("step", 0)), int(state.get("tokens_seen", 0))
     elapsed_before_s = float(state.get("elapsed_s", 0.0))
 
@@ -258,6 +261,8 @@ def _train(cfg: TrainConfig, env: dist_utils.DistributedEnv, show: bool) -> Trai
                 "tokens_seen": tokens_seen,
                 "elapsed_s": elapsed_s,
             }
+            if pruner is not None:
+                state["pruning"] = pruner.state_dict()
             path = ckpt.save_checkpoint(
                 out_dir, step, model, optimizer, tokenizer, state, cfg.keep_last
             )
@@ -283,7 +288,8 @@ def _train(cfg: TrainConfig, env: dist_utils.DistributedEnv, show: bool) -> Trai
             cleanup.callback(metrics.close)
         signals = cleanup.enter_context(_StopSignals())
         while step < cfg.max_steps:
-            lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+            position = pruner.lr_position(step, cfg.max_steps) if pruner else (step, cfg.max_steps)
+            lr = lr_at(position[0], cfg.lr, cfg.min_lr, cfg.warmup_steps, position[1])
             set_lr(optimizer, lr)
             loss = _accumulate_gradients(
                 train_model, train_sampler, step, cfg.grad_accum, env.rank, autocast
@@ -308,6 +314,8 @@ def _train(cfg: TrainConfig, env: dist_utils.DistributedEnv, show: bool) -> Trai
                 grad_norm = nn.utils.clip_grad_norm_(model.parameters(), math.inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if pruner is not None:
+                pruner.after_step(step, optimizer)
 
             if t_first is None:
                 if device_type == "cuda":
@@ -325,6 +333,8 @@ def _train(cfg: TrainConfig, env: dist_utils.DistributedEnv, show: bool) -> Trai
                     tokens_per_s=tokens_per_s,
                     elapsed_s=elapsed_before_s + now - t_start,
                 )
+                if pruner is not None:
+                    record["sparsity"] = pruner.sparsity
                 line.update(step, last_loss, lr, tokens_per_s)
             t_pause = time.perf_counter()
             if eval_now:
@@ -354,7 +364,8 @@ def _train(cfg: TrainConfig, env: dist_utils.DistributedEnv, show: bool) -> Trai
         if env.is_main:
             from fastserve.model import save_model
 
-            save_model(model, final_dir, tokenizer=tokenizer)
+            sparse = pruner.sparsity_config() if pruner is not None else None
+            save_model(model, final_dir, tokenizer=tokenizer, sparsity_config=sparse)
             line.print(f"saved model {final_dir} ({stop_reason} at step {step})")
         dist_utils.barrier()
 

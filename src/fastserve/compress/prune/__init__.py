@@ -6,10 +6,12 @@ wanda.py      |W| * ||X||_2 per output row (Sun et al. 2023)
 sparsegpt.py  OBS weight update with an adaptive mask per 128-column block (Frantar & Alistarh
               2023), on GPTQ's Hessian and layer-by-layer calibration
 owl.py        outlier-weighted layer-wise sparsity (Yin et al. 2023) for Wanda and SparseGPT
+structured.py whole MLP channels, KV groups and layers by calibration importance (Minitron,
+              ShortGPT): a smaller dense model; shrink.py holds its counts and tensor surgery
 
-This file holds what they share: `PruneModifier` (sparsity, mask_structure and the resolve-time
-checks), the bookkeeping of what was pruned (`Session.sparse`: later modifiers keep the zeros),
-the check that they were kept, and the sparsity_config summary.
+This file holds what the zeroing modifiers share: `PruneModifier` (sparsity, mask_structure and
+the resolve-time checks), the bookkeeping of what was pruned (`Session.sparse`: later modifiers
+keep the zeros), the check that they were kept, and the sparsity_config summary.
 
 Conventions: `sparsity` is the fraction of weights zeroed in each comparison group (a row for
 Wanda, a 128-column block for SparseGPT, the matrix for magnitude), exactly floor(sparsity * n);
