@@ -235,3 +235,39 @@ def test_prompt_and_sample_logprobs_equal_log_softmax(budget, tiny_model_dir, mo
         assert len(entry) == 3 or token in row.topk(3).indices.tolist()
         total += entry[token].logprob
     assert completion.cumulative_logprob == pytest.approx(total)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"max_num_batched_tokens": 7},  # chunked prefill
+        {"num_kv_blocks": 12, "num_host_blocks": 0, "preemption_mode": "recompute"},
+    ],
+)
+def test_prompt_logprobs_start_reuses_a_shared_context(options, tiny_model_dir, model):
+    """prompt_logprobs_start = s (FastServe's scoring extension): entries before s are None, the
+    others equal log_softmax, and the context's full blocks come from the prefix cache."""
+    llm = _engine(tiny_model_dir, policy="fcfs", **options)
+    context = _prompts(1, seed=4, shared_prefix=40)[0][:40]
+    prompts = [context + p for p in _prompts(4, seed=5)]
+    start = len(context)
+    params = SamplingParams(
+        max_tokens=1, temperature=0, prompt_logprobs=1, prompt_logprobs_start=start
+    )
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    if "num_kv_blocks" not in options:  # the two full context blocks, reused three times
+        assert llm.engine.stats().prefix_cache_hits >= 3 * 32
+    for prompt, out in zip(prompts, outs):
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([prompt]))[0].double(), dim=-1)
+        assert out.prompt_logprobs[:start] == [None] * start
+        assert len(out.prompt_logprobs) == len(prompt)
+        for pos in range(start, len(prompt)):
+            entry = out.prompt_logprobs[pos]
+            logprob = entry[prompt[pos]].logprob
+            assert logprob == pytest.approx(ref[pos - 1, prompt[pos]].item(), abs=1e-4)
+            assert max(lp.logprob for lp in entry.values()) == pytest.approx(
+                ref[pos - 1].max().item(), abs=1e-4
+            )
+    assert llm.engine.num_free_blocks() == llm.engine.kv.num_blocks

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from e2e.server_helpers import free_port
 from fastserve.cli import main
 from fastserve.eval.results import load_results
 
@@ -64,14 +65,16 @@ def test_bad_inputs_exit_2_with_one_line_and_no_output(
     (tmp_path / "bad.json").write_text("{}")
     data = ["--data", str(text_file)]
     model = str(model_dir)
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     cases = [
         (["eval", model, "--data", str(tmp_path / "empty.txt")], "is empty"),
         (["eval", model, *data, "--context-len", "4096"], "longer than"),
         (["eval", model, "--ref", str(other_tokenizer_dir), *data], "tokenizer mismatch"),
         (["eval", str(tmp_path / "no-model"), *data], "does not exist"),
-        (["eval", "http://127.0.0.1:8000", *data], "not supported yet"),
+        (["eval", down, *data], f"cannot reach {down}"),
         (["eval", model, "extra", *data], "takes one TARGET"),
         (["eval", model], "nothing to evaluate"),
+        (["eval", model, "--tasks", str(tmp_path / "t.yaml")], "no such task file"),
         (["eval", "compare", str(tmp_path / "bad.json")], "not a `fastserve eval` results file"),
         (["eval", "compare"], "needs results files"),
         (["eval", "compare", str(tmp_path / "bad.json"), "--ref", model], "only results files"),

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from e2e.server_helpers import free_port
 from fastserve.data.tokenizer import Tokenizer
-from fastserve.errors import CheckpointError, ConfigError, DataError
+from fastserve.errors import CheckpointError, ConfigError, DataError, FastServeError
 from fastserve.eval import evaluate
 from fastserve.eval.datasets import load_data
 from fastserve.eval.evaluator import score_tokens
@@ -74,8 +75,9 @@ def test_compressed_dir_evaluates_against_its_source(model_dir, compressed_dir, 
 def test_bad_inputs_are_one_clear_error(model_dir, other_tokenizer_dir, text_file, tmp_path):
     data = [str(text_file)]
     cases = [
-        (dict(target="http://127.0.0.1:8000", data=data), ConfigError, "not supported yet"),
-        (dict(target=model_dir, ref="https://x", data=data), ConfigError, "not supported yet"),
+        (dict(target=f"http://127.0.0.1:{free_port()}", data=data), FastServeError, "reach"),
+        (dict(target=model_dir, ref="https://x", data=data), ConfigError, "is a URL"),
+        (dict(target="https://x", ref=model_dir, data=data), ConfigError, "--ref needs"),
         (dict(target=tmp_path / "nope", data=data), CheckpointError, "does not exist"),
         (dict(target=tmp_path, data=data), CheckpointError, "not a model dir"),
         (dict(target=model_dir, ref=other_tokenizer_dir, data=data), DataError, "tokenizer"),

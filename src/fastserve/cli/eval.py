@@ -1,7 +1,8 @@
 """`fastserve eval TARGET ...` and `fastserve eval compare A.json B.json ...`.
 
-The first evaluates a model dir (fastserve.eval.evaluate) and prints its tables, the second
-prints several results files as one table with deltas against the first. One positional list
+The first evaluates a model dir or a server URL (fastserve.eval.evaluate) and prints its tables,
+the second prints several results files as one table with deltas against the first. The env
+var FASTSERVE_DATA (the default --task-data) is read here, once. One positional list
 carries both forms (argparse cannot put a subcommand beside a positional TARGET), so a model
 dir named `compare` is given as `./compare`. Heavy imports happen inside the handler.
 """
@@ -20,8 +21,9 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "target",
         metavar="TARGET",
-        help="a model dir (dense, or compressed by `fastserve compress`); or `compare`, followed "
-        "by results files. Server URLs are not supported yet.",
+        help="a model dir (dense, or compressed by `fastserve compress`), or the http(s) URL of an "
+        "OpenAI-compatible server with echo + logprobs (FastServe, vLLM); or `compare`, followed "
+        "by results files",
     )
     p.add_argument("files", nargs="*", metavar="RESULTS.json", help="with `compare`: the files")
     p.add_argument(
@@ -39,6 +41,51 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
         metavar="FILE|DIR|SHARDS",
         help="text files, directories of text files, or shard dirs from `fastserve data` (their "
         "val split); repeatable",
+    )
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME|FILE",
+        help="log-likelihood tasks (lm-eval's conventions): piqa, lambada, ARC/HellaSwag-style "
+        ".jsonl files or .yaml task files (docs/eval.md); repeatable",
+    )
+    p.add_argument(
+        "--task-data",
+        default=None,
+        metavar="DIR",
+        help="where the built-in tasks' files are: DIR/piqa/valid.jsonl, "
+        "DIR/lambada/lambada_test.jsonl (default: $FASTSERVE_DATA)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="DIR",
+        help="URL targets: a model dir with the server's tokenizer.json (default: the root dir "
+        "the server's /v1/models names, if it is here, else its /tokenize: tasks only)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="URL targets: bearer token (default: $OPENAI_API_KEY)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=8,
+        help="URL targets: requests in flight (8), each with up to 16 prompts",
+    )
+    p.add_argument(
+        "--task-batch-tokens",
+        type=int,
+        default=2048,
+        help="tokens per engine step when scoring tasks (2048)",
+    )
+    p.add_argument(
+        "--kv-cache-memory",
+        default="1GiB",
+        help="KV cache budget of the engine that scores tasks (1GiB)",
     )
     p.add_argument(
         "--context-len",
@@ -59,7 +106,9 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
         default=8,
         help="windows per forward pass (8); memory ~ batch x context x vocab x 4 bytes",
     )
-    p.add_argument("--limit", type=int, default=None, help="score at most N tokens per dataset")
+    p.add_argument(
+        "--limit", type=int, default=None, help="at most N tokens per dataset, N docs per task"
+    )
     p.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda")
     p.add_argument(
         "--dtype",
@@ -87,6 +136,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             "--stride": args.stride,
             "--limit": args.limit,
             "--dtype": args.dtype,
+            "--tasks": args.tasks,
+            "--task-data": args.task_data,
+            "--tokenizer": args.tokenizer,
         }
         given = [flag for flag, value in eval_only.items() if value not in (None, [])]
         if given:
@@ -95,20 +147,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.files:
         raise ConfigError(
             f"fastserve eval takes one TARGET, got {1 + len(args.files)} "
-            f"({args.target}, {', '.join(args.files)}); use --data for datasets."
+            f"({args.target}, {', '.join(args.files)}); use --data for datasets, --tasks for tasks."
         )
     if args.output and Path(args.output).is_dir():
         raise ConfigError(f"--output {args.output} is a directory; give a file name.")
+
+    import os
 
     from fastserve.eval import evaluate
     from fastserve.eval.results import write_results
     from fastserve.eval.tables import results_tables
     from fastserve.utils.console import console
 
+    task_data = args.task_data or os.environ.get("FASTSERVE_DATA") or None
     results = evaluate(
         args.target,
         ref=args.ref,
         data=args.data,
+        tasks=args.tasks,
+        task_data=task_data,
+        task_batch_tokens=args.task_batch_tokens,
+        kv_cache_memory=args.kv_cache_memory,
+        tokenizer=args.tokenizer,
+        api_key=args.api_key,
+        concurrency=args.concurrency,
         context_len=args.context_len,
         stride=args.stride,
         batch_size=args.batch_size,
@@ -128,7 +190,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _compare(files: list[str]) -> int:
     from fastserve.errors import ConfigError
     from fastserve.eval.results import load_results
-    from fastserve.eval.tables import compare_table
+    from fastserve.eval.tables import compare_tables
     from fastserve.utils.console import console
 
     if not files:
@@ -136,19 +198,22 @@ def _compare(files: list[str]) -> int:
     results = [load_results(f) for f in files]
     names = [Path(f).name for f in files]
     labels = names if len(set(names)) == len(names) else list(files)
-    console.print(compare_table(results, labels))
+    for table in compare_tables(results, labels):
+        console.print(table)
     return 0
 
 
 COMMANDS = [
     Command(
         "eval",
-        "perplexity, bits/byte and fidelity (KLD) of a model dir; compare results files",
-        "Evaluate TARGET (a model dir, dense or compressed) on --data: sliding-window perplexity "
-        "and bits per byte, and with --ref the KL divergence statistics of llama.cpp's "
-        "`llama-perplexity --kl-divergence` on the same tokens; prints tables and writes "
-        "--output JSON. `fastserve eval compare A.json B.json ...` prints results side by side "
-        "with deltas against the first. See docs/eval.md.",
+        "perplexity, fidelity (KLD) and lm-eval tasks of a model dir or server; compare results",
+        "Evaluate TARGET (a model dir, dense or compressed, or an OpenAI-compatible server URL) on "
+        "--data: sliding-window perplexity and bits per byte, and with --ref the KL divergence "
+        "statistics of llama.cpp's `llama-perplexity --kl-divergence` on the same tokens; on "
+        "--tasks: log-likelihood tasks scored with lm-evaluation-harness's conventions (acc, "
+        "acc_norm, perplexity) through the serving engine; prints tables and writes --output "
+        "JSON. `fastserve eval compare A.json B.json ...` prints results side by side with "
+        "deltas against the first. See docs/eval.md.",
         _add_eval_args,
         _cmd_eval,
     ),

@@ -142,6 +142,7 @@ class LLMEngine:
         self._groups: dict[str, _Group] = {}
         self._child_group: dict[str, _Group] = {}
         self._counters = dict(prompt=0, generation=0)
+        self._token_texts: dict[int, str] = {}  # token id -> its text (logprob entries)
         self._finished_by_reason: dict[str, int] = {}
 
     @classmethod
@@ -200,7 +201,12 @@ class LLMEngine:
             texts=[""] * params.n,
             logprobs=[[] if params.logprobs is not None else None for _ in children],
             cumulative_logprob=[0.0 if params.logprobs is not None else None for _ in children],
-            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+            # entries before prompt_logprobs_start stay None (entry 0 always: nothing predicts it)
+            prompt_logprobs=(
+                [None] * min(max(1, params.prompt_logprobs_start), len(ids))
+                if params.prompt_logprobs is not None
+                else None
+            ),
         )
         for child in children:
             reason = self.scheduler.add_request(child)
@@ -285,11 +291,7 @@ class LLMEngine:
         requests = [self._child_group[s.request_id].children_by_id(s.request_id) for s in scheduled]
         batch = RunnerBatch([])
         for s, r in zip(scheduled, requests):
-            wants_prompt = (
-                r.sampling_params.prompt_logprobs is not None
-                and r.index == 0
-                and r.num_computed_tokens < r.num_prompt_tokens - 1
-            )
+            first, end = self._prompt_logit_span(r, s.num_new_tokens)
             batch.requests.append(
                 RunnerRequest(
                     request_id=r.request_id,
@@ -298,7 +300,8 @@ class LLMEngine:
                     num_new_tokens=s.num_new_tokens,
                     block_table=block_tables[r.request_id],
                     wants_logits=s.is_prefill_chunk_final,
-                    wants_prompt_logits=wants_prompt,
+                    wants_prompt_logits=first < end,
+                    prompt_logits_from=first,
                 )
             )
         out = self.runner.execute(batch)
@@ -401,24 +404,40 @@ class LLMEngine:
         if stopped:
             self.scheduler.finish(r.request_id, r.status)
 
+    def _prompt_logit_span(self, r: Request, num_new_tokens: int) -> tuple[int, int]:
+        """Positions [first, end) of this step whose logits give prompt logprobs not known yet
+        (position p predicts prompt token p + 1); none when first >= end. The entries known are
+        0..have-1 (None before prompt_logprobs_start), and the prefix cache never skips
+        position have - 1 (kv_cache.get_computed_blocks), so first == have - 1 when it computes."""
+        if r.sampling_params.prompt_logprobs is None or r.index != 0:
+            return 0, 0
+        have = len(self._child_group[r.request_id].prompt_logprobs)
+        first = max(r.num_computed_tokens, have - 1)
+        end = min(r.num_computed_tokens + num_new_tokens, r.num_prompt_tokens - 1)
+        return first, end
+
     def _prompt_logprob_rows(self, req: RunnerRequest, logits: torch.Tensor) -> list:
-        """Logits row i sits at position computed + i and predicts the token after it."""
+        """Logits row i sits at position first + i (see _prompt_logit_span) and predicts the
+        token after it. (One call per request: small [rows, V] blocks stay in cache, which
+        makes this faster on CPU than one log-softmax over the whole step.)"""
         group = self._child_group[req.request_id]
-        have = len(group.prompt_logprobs)  # positions 0..have-1 done (entry 0 is None)
-        start = req.num_computed_tokens
-        n_prompt = len(group.prompt_token_ids)
-        rows = [i for i in range(logits.shape[0]) if have <= start + i + 1 < n_prompt]
-        if not rows:
+        first = max(req.num_computed_tokens, req.prompt_logits_from)
+        num = min(logits.shape[0], len(group.prompt_token_ids) - 1 - first)
+        if num <= 0:
             return []
-        targets = torch.tensor([group.prompt_token_ids[start + i + 1] for i in rows])
-        return token_logprobs(logits[rows], targets, group.params.prompt_logprobs)
+        targets = torch.tensor(group.prompt_token_ids[first + 1 : first + 1 + num])
+        return token_logprobs(logits[:num], targets, group.params.prompt_logprobs)
 
     def _append_prompt_logprobs(self, rid: str, rows: list) -> None:
         group = self._child_group[rid]
         group.prompt_logprobs.extend(logprob_dict(row, self._decode_one) for row in rows)
 
     def _decode_one(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+        text = self._token_texts.get(token_id)  # a token's text never changes: decode it once
+        if text is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            self._token_texts[token_id] = text
+        return text
 
     def _output(self, group: _Group) -> RequestOutput:
         outputs = []

@@ -33,7 +33,8 @@ blocks. A copy list may reuse a block another pair of the same step released: th
 reads before all writes.
 
 What it does not know: tensors (the runner owns the K/V memory), scheduling policy, sampling.
-It reads only request_id, num_computed_tokens, num_tokens and all_token_ids of a request.
+It reads only request_id, num_computed_tokens, num_tokens, all_token_ids and the prompt logprobs
+settings (sampling_params.prompt_logprobs, prompt_logprobs_start) of a request.
 """
 
 from __future__ import annotations
@@ -221,12 +222,17 @@ class KVCacheManager:
         """Longest cached prefix of full blocks of a request that holds no blocks:
         (block ids, number of tokens they cover). Never the whole sequence: the last token is
         always left to compute so the step produces logits. A request that asks for prompt
-        logprobs computes its whole prompt (cached blocks would skip those logits), as in vLLM."""
+        logprobs computes every position whose logits give one: its whole prompt (as in vLLM), or
+        from prompt_logprobs_start - 1 on (position p predicts token p + 1)."""
         if not self.enable_prefix_caching or request.request_id in self.tables:
             return [], 0
-        if request.sampling_params.prompt_logprobs is not None:
+        max_cached = request.num_tokens - 1
+        params = request.sampling_params
+        if params.prompt_logprobs is not None:
+            max_cached = min(max_cached, params.prompt_logprobs_start - 1)
+        if max_cached <= 0:
             return [], 0
-        max_blocks = (request.num_tokens - 1) // self.block_size
+        max_blocks = max_cached // self.block_size
         hits = []
         for h in self._block_hashes(request, max_blocks):
             bid = self.pool.lookup(h)

@@ -74,6 +74,11 @@ class SamplingParams:
     logprobs: int | None = None
     # Same for prompt tokens (the first prompt token has None).
     prompt_logprobs: int | None = None
+    # FastServe's extension for scoring: prompt logprobs only from this prompt position on
+    # (earlier entries are None), so the first prompt_logprobs_start - 1 tokens may come from the
+    # prefix cache (a shared context scored once for all its continuations). 0: every position,
+    # no prefix reuse (vLLM's behaviour).
+    prompt_logprobs_start: int = 0
     # Drop special tokens (bos, eos, pad ...) from the output text.
     skip_special_tokens: bool = True
 
@@ -148,6 +153,8 @@ class SamplingParams:
             v = getattr(self, name)
             if v is not None and not is_int(v, 0, MAX_LOGPROBS):
                 fail(name, f"None or an integer in [0, {MAX_LOGPROBS}]")
+        if not is_int(self.prompt_logprobs_start, 0):
+            fail("prompt_logprobs_start", f"an integer in [0, {MAX_INT}]")
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "a bool")
@@ -177,6 +184,8 @@ class SamplingParams:
 
     def for_child(self, index: int) -> SamplingParams:
         """The params of child `index` of an n > 1 request: n=1, seed + index (vLLM v1)."""
+        if self.n == 1 and index == 0:
+            return self  # the only child: the same parameters (no copy to validate again)
         seed = None if self.seed is None else self.seed + index
         return dataclasses.replace(self, n=1, seed=seed)
 

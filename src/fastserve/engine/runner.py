@@ -12,7 +12,7 @@ A step (`execute`):
      own position (see attention.py for the slot arithmetic);
   3. the decoder stack (`model.model`) with `PagedAttention` as its cache;
   4. the LM head on the selected rows only: the last scheduled token of each request that samples,
-     plus every scheduled row of requests that asked for prompt logits.
+     plus the scheduled rows of requests that asked for prompt logits (from prompt_logits_from).
 
     requests (batch order)   a: last prompt chunk (3 tokens)   b: decode   c: decode
     flat row (runner order)  [ b | c | a0 a1 a2 ]     decodes first: one batched SDPA call
@@ -53,9 +53,11 @@ class RunnerRequest:
     num_new_tokens: int  # tokens computed this step: token_ids[computed : computed + new]
     block_table: list[int]  # device blocks holding positions [0, computed + new), in order
     wants_logits: bool = True  # return the logits of the last scheduled token (it samples)
-    # return the logits of every scheduled position (row i: position computed + i, predicting
-    # token computed + i + 1), so the engine can collect prompt logprobs chunk by chunk
+    # return the logits of the scheduled positions from max(computed, prompt_logits_from) on
+    # (row i: position max(computed, prompt_logits_from) + i, predicting the token after it), so
+    # the engine can collect prompt logprobs chunk by chunk, never twice
     wants_prompt_logits: bool = False
+    prompt_logits_from: int = 0
 
 
 @dataclass
@@ -72,7 +74,8 @@ class ModelRunnerOutput:
     """Logits of one step, float32 on the runner's device."""
 
     logits: dict[str, Tensor]  # [V] per request with wants_logits (rows of sample_logits)
-    prompt_logits: dict[str, Tensor]  # [num_new_tokens, V] per request with wants_prompt_logits
+    # [rows, V] per request with wants_prompt_logits (rows: see RunnerRequest.prompt_logits_from)
+    prompt_logits: dict[str, Tensor]
     sample_request_ids: list[str]  # requests with wants_logits, in batch order
     sample_logits: Tensor  # [len(sample_request_ids), V]: the same rows stacked, for the sampler
 
@@ -240,6 +243,7 @@ class ModelRunner:
         for i, r in enumerate(reqs):
             if r.wants_prompt_logits:
                 lo, hi = qsl[slot_of[i]], qsl[slot_of[i] + 1]
+                lo += min(max(0, r.prompt_logits_from - r.num_computed_tokens), hi - lo)
                 prompt_spans.append((r.request_id, len(rows), len(rows) + hi - lo))
                 rows.extend(range(lo, hi))
         if rows:

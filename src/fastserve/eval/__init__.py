@@ -1,10 +1,15 @@
 """Evaluation: numbers about a model dir or a running server, as JSON.
 
 Quality of a model (its outputs, scored on data):
-  evaluator.py      `evaluate(target, ref=None, data=[...])`: the results dict of `fastserve eval`
+  evaluator.py      `evaluate(target, ref=None, data=[...], tasks=[...])`: the results dict of
+                    `fastserve eval` for a model dir (remote_eval.py: for a server URL)
   perplexity.py     sliding windows over a token stream; per-token NLL, perplexity, bits per byte
   fidelity.py       KL(ref || target) and llama.cpp's fidelity statistics on the same tokens
   datasets.py       text files, directories, a shard dir's val split -> one token stream + hash
+  tasks.py          log-likelihood tasks (piqa, lambada, ARC/HellaSwag jsonl) -> docs, requests
+  task_yaml.py      YAML task files (lm-eval's keys, Jinja templates, a local jsonl)
+  loglikelihood.py  lm-eval's tokenization and metrics; scoring through the serving engine
+  remote.py         scoring through an OpenAI-compatible server (/v1/completions echo logprobs)
   stats.py          stderr and quantiles with llama.cpp's conventions
   results.py        the results JSON: schema, model dir hash, versions, reading it back
   tables.py         rich tables of one result and of several compared

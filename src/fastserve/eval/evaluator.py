@@ -39,6 +39,9 @@ __all__ = ["TokenScores", "evaluate", "evaluate_loaded", "score_tokens"]
 
 URL_PREFIXES = ("http://", "https://")
 DEFAULT_BATCH_SIZE = 8
+DEFAULT_TASK_BATCH_TOKENS = (
+    2048  # tokens per engine step when scoring tasks (CPU: faster than 4096)
+)
 MAX_DEFAULT_CONTEXT = 2048  # the default window: the models' context, at most this many tokens
 
 
@@ -126,12 +129,14 @@ def evaluate_loaded(
     }
 
 
+def is_url(target: str | Path) -> bool:
+    return str(target).startswith(URL_PREFIXES)
+
+
 def _model_dir(path: str | Path, role: str) -> Path:
     text = str(path)
-    if text.startswith(URL_PREFIXES):
-        raise ConfigError(
-            f"{role} {text} is a URL: evaluating a server is not supported yet; give a model dir."
-        )
+    if is_url(text):
+        raise ConfigError(f"{role} {text} is a URL; give a model dir.")
     p = Path(text).expanduser()
     if not p.exists():
         raise CheckpointError(f"{role} {text} does not exist (expected a model dir).")
@@ -140,7 +145,48 @@ def _model_dir(path: str | Path, role: str) -> Path:
     return p
 
 
-def _check_settings(context_len, stride, batch_size, limit, limits: dict[str, int]) -> None:
+def check_sources(data, tasks) -> tuple[list[str], list[str]]:
+    sources = [str(data)] if isinstance(data, str | Path) else [str(d) for d in data]
+    specs = [str(tasks)] if isinstance(tasks, str | Path) else [str(t) for t in tasks]
+    if not sources and not specs:
+        raise ConfigError(
+            "nothing to evaluate: give datasets (--data FILE|DIR|SHARDS) or tasks (--tasks)."
+        )
+    return sources, specs
+
+
+def task_engine(
+    model,
+    tokenizer,
+    batch_tokens: int,
+    kv_cache_memory: str,
+    max_num_seqs: int = 128,
+    enable_prefix_caching: bool = True,
+):
+    """The engine that scores tasks: fcfs, no host tier, a KV pool within kv_cache_memory and
+    no larger than max_num_seqs full contexts (plus room for cached prefixes)."""
+    from fastserve.engine import EngineConfig, LLMEngine
+    from fastserve.engine.config import parse_bytes
+    from fastserve.engine.runner import ModelRunner
+
+    bs, mc = 16, model.config
+    budget = ModelRunner.num_blocks_for_memory(mc, bs, parse_bytes(kv_cache_memory), model.dtype)
+    needed = max_num_seqs * -(-mc.max_position_embeddings // bs) + 1024
+    config = EngineConfig(
+        policy="fcfs",
+        num_kv_blocks=max(1, min(budget, needed)),
+        block_size=bs,
+        swap_space=0,
+        preemption_mode="recompute",
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=batch_tokens,
+        enable_prefix_caching=enable_prefix_caching,
+        device=str(model.device),
+    )
+    return LLMEngine(model, tokenizer, config)
+
+
+def check_settings(context_len, stride, batch_size, limit, limits: dict[str, int]) -> None:
     for name, value in (("context_len", context_len), ("stride", stride)):
         if value < 1:
             raise ConfigError(f"{name} must be at least 1, got {value}.")
@@ -155,7 +201,9 @@ def _check_settings(context_len, stride, batch_size, limit, limits: dict[str, in
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}.")
     if limit is not None and limit < 1:
-        raise ConfigError(f"limit must be at least 1 token, got {limit}.")
+        raise ConfigError(
+            f"limit must be at least 1 (tokens per dataset, docs per task), got {limit}."
+        )
 
 
 def _check_device(device: str) -> None:
@@ -178,36 +226,72 @@ def evaluate(
     device: str = "cpu",
     dtype: str | torch.dtype | None = None,
     progress: bool = False,
+    tasks: list[str] | tuple[str, ...] | str = (),
+    task_data: str | Path | None = None,
+    task_batch_tokens: int = DEFAULT_TASK_BATCH_TOKENS,
+    kv_cache_memory: str = "1GiB",
+    tokenizer: str | Path | None = None,
+    api_key: str | None = None,
+    concurrency: int = 8,
 ) -> dict[str, Any]:
-    """Evaluate the model dir `target` (dense or compressed) on each of `data` (text files,
-    directories, shard dirs), against the model dir `ref` when given; the results dict.
+    """Evaluate `target` on each of `data` (text files, directories, shard dirs) and `tasks`
+    (built-in names, .jsonl or .yaml task files; built-ins read `task_data`); the results dict.
 
-    context_len: window length (default: the models' max_position_embeddings, at most 2048);
-    stride: new tokens scored per window (default context_len // 2); limit: score at most this
-    many tokens of each dataset; dtype: weights dtype (default: each checkpoint's).
-    FastServeError (one line) for bad input: a URL, a missing dir, a tokenizer mismatch, a
-    context longer than a model's, a missing or empty dataset.
+    target: a model dir (dense or compressed; with `ref`, a reference model dir for fidelity),
+    or an http(s) URL of an OpenAI-compatible server (remote_eval.py: `tokenizer` a model dir
+    with its tokenizer, `api_key`, `concurrency` requests in flight). context_len: window length
+    (default: the models' max_position_embeddings, at most 2048); stride: new tokens scored per
+    window (default context_len // 2); limit: at most this many tokens of each dataset and docs
+    of each task; dtype: weights dtype (default: each checkpoint's); task_batch_tokens and
+    kv_cache_memory: the scoring engine's step budget and KV pool.
+    FastServeError (one line) for bad input: a missing dir, a tokenizer mismatch, a context
+    longer than a model's, a missing or empty dataset, a bad task file, a server that is down.
     """
     from fastserve.data.tokenizer import Tokenizer
+    from fastserve.eval.loglikelihood import (
+        EngineScorer,
+        encode_requests,
+        prefix_token_id,
+        run_task,
+    )
+    from fastserve.eval.tasks import load_task
     from fastserve.model.checkpoint import load_config, load_model, parse_dtype
 
     wall_start = time.perf_counter()
+    sources, specs = check_sources(data, tasks)
+    if is_url(target):
+        from fastserve.eval.remote_eval import evaluate_url
+
+        if ref is not None:
+            raise ConfigError(
+                "--ref needs a model dir TARGET; fidelity is not measured over a URL."
+            )
+        return evaluate_url(
+            str(target),
+            sources,
+            specs,
+            task_data,
+            context_len,
+            stride,
+            limit,
+            tokenizer,
+            api_key,
+            concurrency,
+            progress,
+        )
     target_dir = _model_dir(target, "target")
     ref_dir = None if ref is None else _model_dir(ref, "--ref")
-    sources = [str(data)] if isinstance(data, str | Path) else [str(d) for d in data]
-    if not sources:
-        raise ConfigError(
-            "nothing to evaluate: give at least one dataset (--data FILE|DIR|SHARDS)."
-        )
     configs = {"target": load_config(target_dir)}
-    tokenizer = Tokenizer.load(target_dir)
+    tok = Tokenizer.load(target_dir)
+    if tokenizer is not None and Tokenizer.load(tokenizer).fingerprint != tok.fingerprint:
+        raise DataError(f"--tokenizer {tokenizer} is not the tokenizer of {target}.")
     if ref_dir is not None:
         configs["ref"] = load_config(ref_dir)
         ref_tokenizer = Tokenizer.load(ref_dir)
-        if ref_tokenizer.fingerprint != tokenizer.fingerprint:
+        if ref_tokenizer.fingerprint != tok.fingerprint:
             raise DataError(
                 f"tokenizer mismatch: {target} and --ref {ref} have different tokenizers "
-                f"(tokenizer.json sha256 {tokenizer.fingerprint[:12]} vs "
+                f"(tokenizer.json sha256 {tok.fingerprint[:12]} vs "
                 f"{ref_tokenizer.fingerprint[:12]}); fidelity compares models on the same tokens."
             )
         if configs["ref"].vocab_size != configs["target"].vocab_size:
@@ -220,11 +304,13 @@ def evaluate(
         context_len = min(*limits.values(), MAX_DEFAULT_CONTEXT)
     if stride is None:
         stride = max(1, context_len // 2)
-    _check_settings(context_len, stride, batch_size, limit, limits)
+    check_settings(context_len, stride, batch_size, limit, limits)
+    if task_batch_tokens < 1:
+        raise ConfigError(f"task_batch_tokens must be at least 1, got {task_batch_tokens}.")
     _check_device(device)
     if dtype is not None:
         dtype = parse_dtype(dtype, "float32")
-    datasets = [load_data(src, tokenizer, limit) for src in sources]
+    datasets = [load_data(src, tok, limit) for src in sources]
     vocab_size = min(c.vocab_size for c in configs.values())
     for d in datasets:
         if int(d.tokens.max()) >= vocab_size:
@@ -232,6 +318,12 @@ def evaluate(
                 f"{d.name} has token id {int(d.tokens.max())}, outside the model's vocabulary "
                 f"(vocab_size {vocab_size}); the tokenizer does not fit the model."
             )
+    task_list = [load_task(spec, task_data) for spec in specs]
+    max_len = configs["target"].max_position_embeddings
+    task_docs = [  # every task check before any weights load
+        encode_requests(t.requests(limit), tok.encode_batch, prefix_token_id(tok), max_len, t.name)
+        for t in task_list
+    ]
 
     with progress_bar(progress) as bar:
         shas = {}
@@ -257,13 +349,20 @@ def evaluate(
             None if ref_model is None else model_info(ref_dir, ref_model, shas["ref"]),
             settings,
             {
-                "fingerprint": tokenizer.fingerprint,
-                "vocab_size": tokenizer.vocab_size,
-                "start_token_id": start_token_id(tokenizer),
+                "fingerprint": tok.fingerprint,
+                "vocab_size": tok.vocab_size,
+                "start_token_id": start_token_id(tok),
             },
         )
         for d in datasets:
             entry = evaluate_loaded(model, d, context_len, stride, batch_size, ref_model, bar)
             results["datasets"].append(entry)
+        if task_list:
+            del ref_model
+            engine = task_engine(model, tok, task_batch_tokens, kv_cache_memory)
+            scorer = EngineScorer(engine)
+            for t, docs in zip(task_list, task_docs):
+                entry = run_task(t, scorer, docs, bar)
+                results["tasks"].append(entry)
     results["wall_time_s"] = time.perf_counter() - wall_start
     return results

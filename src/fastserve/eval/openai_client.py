@@ -71,8 +71,9 @@ def chunk_text(obj: dict, chat: bool) -> str:
     return choice.get("text") or ""
 
 
-def discover_model(url: str, api_key: str | None, timeout_s: float = 30.0) -> str:
-    """The first model id that GET /v1/models lists; FastServeError when there is none."""
+def fetch_models(url: str, api_key: str | None, timeout_s: float = 30.0) -> list[dict]:
+    """The model cards GET /v1/models lists (each has an "id"; vLLM and FastServe add "root"
+    and "max_model_len"); FastServeError when the server cannot be reached or lists none."""
     import httpx
 
     try:
@@ -89,9 +90,17 @@ def discover_model(url: str, api_key: str | None, timeout_s: float = 30.0) -> st
             f"GET {url}/v1/models: {error_message(resp.status_code, resp.content)}"
         )
     try:
-        return str(resp.json()["data"][0]["id"])
-    except (ValueError, KeyError, IndexError, TypeError):
-        raise FastServeError(f"GET {url}/v1/models listed no model; pass --model") from None
+        cards = resp.json()["data"]
+        if cards and all(isinstance(c, dict) and "id" in c for c in cards):
+            return cards
+    except (ValueError, KeyError, TypeError):
+        pass
+    raise FastServeError(f"GET {url}/v1/models listed no model; pass --model")
+
+
+def discover_model(url: str, api_key: str | None, timeout_s: float = 30.0) -> str:
+    """The first model id that GET /v1/models lists; FastServeError when there is none."""
+    return str(fetch_models(url, api_key, timeout_s)[0]["id"])
 
 
 async def send_request(

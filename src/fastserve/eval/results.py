@@ -68,6 +68,7 @@ def model_info(path: str | Path, model, sha256: str) -> dict[str, Any]:
     config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
     quant = config.get("quantization_config")
     return {
+        "kind": "dir",
         "path": str(Path(path).expanduser().resolve()),
         "sha256": sha256,
         "weights_bytes": sum(f.stat().st_size for f in Path(path).glob("*.safetensors")),
@@ -111,6 +112,7 @@ def new_results(
         "target": target,
         "ref": ref,
         "datasets": [],
+        "tasks": [],
     }
 
 
@@ -137,4 +139,7 @@ def load_results(path: str | Path) -> dict[str, Any]:
         )
     if not isinstance(results.get("datasets"), list):
         raise DataError(f"{path} has no datasets list.")
+    results.setdefault("tasks", [])  # files written before tasks existed
+    if not isinstance(results["tasks"], list):
+        raise DataError(f"{path} has a tasks entry that is not a list.")
     return results

@@ -1,10 +1,11 @@
 """Rich tables of eval results: one results dict, or several compared against the first.
 
     console.print(*results_tables(results))
-    console.print(compare_table([a, b, c], labels=["a.json", "b.json", "c.json"]))
+    console.print(*compare_tables([a, b, c], labels=["a.json", "b.json", "c.json"]))
 
 Rows of a comparison pair datasets by their sha256 and number of scored tokens (the same data,
-the same --limit); a dataset the first result lacks gets no deltas. Knows only the results
+the same --limit), tasks by name, data sha256, number of docs and shots; a dataset or task the
+first result lacks gets no deltas. Knows only the results
 schema (results.py), nothing about models.
 """
 
@@ -15,7 +16,13 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
-__all__ = ["compare_table", "results_tables"]
+__all__ = [
+    "compare_table",
+    "compare_tables",
+    "compare_tasks_table",
+    "results_tables",
+    "tasks_table",
+]
 
 _KLD_ROWS = ("max", "p99_9", "p99", "p95", "p90", "median")
 
@@ -42,17 +49,53 @@ def _pm(value: float | None, err: float | None, digits: int = 4) -> str:
 
 def _title(results: dict[str, Any]) -> str:
     s, target = results["settings"], results["target"]
-    quant = target.get("quantization")
-    kind = f", {quant['method']} {quant['bits']}-bit" if quant else ""
-    return (
-        f"{target['path']} ({target['weights_bytes'] / 2**20:.2f} MiB of weights{kind}; context "
-        f"{s['context_len']}, stride {s['stride']}; {results['wall_time_s']:.1f} s)"
-    )
+    window = f"context {s['context_len']}, stride {s['stride']}; " if results["datasets"] else ""
+    if target.get("kind") == "server":
+        what = f"{target['url']} (model {target['model']}, {target['prompt_format']} prompts; "
+    else:
+        quant = target.get("quantization")
+        kind = f", {quant['method']} {quant['bits']}-bit" if quant else ""
+        what = f"{target['path']} ({target['weights_bytes'] / 2**20:.2f} MiB of weights{kind}; "
+    return f"{what}{window}{results['wall_time_s']:.1f} s)"
+
+
+def _pct(value: float | None, err: float | None) -> str:
+    return "-" if value is None else _pm(100 * value, None if err is None else 100 * err, 2)
+
+
+def _ppl(value: float | None, err: float | None) -> str:
+    """A cloze perplexity: fixed point up to 1e5, then 4 significant digits."""
+    if value is None or value < 1e5:
+        return _pm(value, err, 3)
+    return f"{value:.3e}" + ("" if err is None else f" ± {err:.2e}")
+
+
+def tasks_table(results: dict[str, Any], title: str) -> Table:
+    """A row per task: acc and acc_norm (%, ± stderr), the cloze perplexity, docs/s."""
+    table = _table(title)
+    table.add_column("task", overflow="fold", min_width=8)
+    for col in ("docs", "acc %", "acc_norm %", "PPL", "docs/s"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for t in results.get("tasks", []):
+        m = t["metrics"]
+        shots = f" ({t['num_fewshot']}-shot)" if t["num_fewshot"] else ""
+        table.add_row(
+            t["name"] + shots + (" (cut)" if t["truncated"] else ""),
+            f"{t['num_docs']:,}",
+            _pct(m["acc"], m["acc_stderr"]),
+            _pct(m.get("acc_norm"), m.get("acc_norm_stderr")),
+            _ppl(m.get("perplexity"), m.get("perplexity_stderr")),
+            f"{t['docs_per_s']:,.1f}",
+        )
+    return table
 
 
 def results_tables(results: dict[str, Any]) -> list[Table]:
-    """The perplexity table (a row per dataset) and, when a reference was evaluated, the
-    fidelity table (a row per statistic, a column per dataset, as llama.cpp prints them)."""
+    """The perplexity table (a row per dataset), when a reference was evaluated the fidelity
+    table (a row per statistic, a column per dataset, as llama.cpp prints them), and the tasks
+    table; each only when it has rows."""
+    if not results["datasets"]:
+        return [tasks_table(results, _title(results))]
     ppl = _table(_title(results))
     ppl.add_column("dataset", overflow="fold", min_width=8)
     for col in ("tokens", "bytes", "PPL", "bits/byte", "tok/s"):
@@ -88,6 +131,8 @@ def results_tables(results: dict[str, Any]) -> list[Table]:
         for name, cell in rows:
             fid.add_row(name, *[cell(f) for f in stats])
         tables.append(fid)
+    if results.get("tasks"):
+        tables.append(tasks_table(results, "tasks"))
     return tables
 
 
@@ -136,3 +181,47 @@ def compare_table(results: list[dict[str, Any]], labels: list[str]) -> Table:
                 "-" if not f else f"{f['same_top_pct']:.2f}",
             )
     return table
+
+
+def _delta_points(value: float | None, base: float | None) -> str:
+    if value is None or base is None:
+        return "-"
+    return f"{100 * (value - base):+.2f}"
+
+
+def compare_tasks_table(results: list[dict[str, Any]], labels: list[str]) -> Table:
+    """One row per (result, task); accuracy changes in points against the first result's same
+    task (same name, data sha256 and number of docs), the perplexity change in %."""
+    table = _table(f"tasks compared against {labels[0]}")
+    cols = ("result", "task", "acc %", "Δ acc", "acc_norm %", "Δ acc_norm", "PPL", "Δ PPL")
+    for col in cols[:2]:
+        table.add_column(col, overflow="fold", min_width=8)
+    for col in cols[2:]:
+        table.add_column(col, justify="right", no_wrap=True, min_width=len(col))
+    key = lambda t: (t["name"], t["sha256"], t["num_docs"], t["num_fewshot"])  # noqa: E731
+    base = {key(t): t["metrics"] for t in results[0].get("tasks", [])}
+    for label, r in zip(labels, results):
+        for t in r.get("tasks", []):
+            m, b = t["metrics"], base.get(key(t), {})
+            ppl = m.get("perplexity")
+            table.add_row(
+                label,
+                t["name"],
+                _pct(m["acc"], None),
+                _delta_points(m["acc"], b.get("acc")),
+                _pct(m.get("acc_norm"), None),
+                _delta_points(m.get("acc_norm"), b.get("acc_norm")),
+                _ppl(ppl, None),
+                "-" if ppl is None else _delta_pct(ppl, b.get("perplexity")),
+            )
+    return table
+
+
+def compare_tables(results: list[dict[str, Any]], labels: list[str]) -> list[Table]:
+    """The datasets comparison and the tasks comparison, each when some result has rows."""
+    tables = []
+    if any(r["datasets"] for r in results):
+        tables.append(compare_table(results, labels))
+    if any(r.get("tasks") for r in results):
+        tables.append(compare_tasks_table(results, labels))
+    return tables or [compare_table(results, labels)]
