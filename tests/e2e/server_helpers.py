@@ -95,6 +95,21 @@ class ServerProcess:
         return self.proc.returncode
 
 
+# /metrics sample names (ServerProcess.metrics() keys, model_name label dropped)
+RUNNING, WAITING = "fastserve:num_requests_running", "fastserve:num_requests_waiting"
+SWAPPED, KV_USAGE = "fastserve:num_requests_swapped", "fastserve:kv_cache_usage_perc"
+
+
+def counter(metrics: dict[str, float], name: str) -> float:
+    """A fastserve counter's value (0 when absent) from ServerProcess.metrics()."""
+    return metrics.get(f"fastserve:{name}_total", 0.0)
+
+
+def finished(metrics: dict[str, float], reason: str) -> float:
+    """Finished sequences with this finish reason, from ServerProcess.metrics()."""
+    return metrics.get(f'fastserve:request_success_total{{finished_reason="{reason}"}}', 0.0)
+
+
 @contextlib.contextmanager
 def running_server(model_dir: Path, *args: str, **kwargs):
     """A ready ServerProcess for the `with` block; on leaving, SIGTERM and it must exit 0."""

@@ -36,7 +36,19 @@ import pytest
 import torch
 from reliability_settings import report, scale
 
-from e2e.server_helpers import ServerProcess, make_model_dir, running_server, sse_data, wait_for
+from e2e.server_helpers import (
+    KV_USAGE,
+    RUNNING,
+    SWAPPED,
+    WAITING,
+    ServerProcess,
+    counter,
+    finished,
+    make_model_dir,
+    running_server,
+    sse_data,
+    wait_for,
+)
 from fastserve import LLM, SamplingParams
 from fastserve.engine.runner import ModelRunner
 
@@ -59,17 +71,6 @@ RAW_FATES = ("mid_body", "before_bytes")  # no HTTP response is ever read
 STORM_TIMEOUT_S = scale(240, 900)
 
 pytestmark = pytest.mark.e2e
-
-RUNNING, WAITING = "fastserve:num_requests_running", "fastserve:num_requests_waiting"
-SWAPPED, KV_USAGE = "fastserve:num_requests_swapped", "fastserve:kv_cache_usage_perc"
-
-
-def counter(metrics: dict[str, float], name: str) -> float:
-    return metrics.get(f"fastserve:{name}_total", 0.0)
-
-
-def finished(metrics: dict[str, float], reason: str) -> float:
-    return metrics.get(f'fastserve:request_success_total{{finished_reason="{reason}"}}', 0.0)
 
 
 def busy(metrics: dict[str, float]) -> dict[str, float]:

@@ -31,7 +31,19 @@ import httpx
 import pytest
 from reliability_settings import report, scale
 
-from e2e.server_helpers import ServerProcess, make_model_dir, running_server, sse_data, wait_for
+from e2e.server_helpers import (
+    KV_USAGE,
+    RUNNING,
+    SWAPPED,
+    WAITING,
+    ServerProcess,
+    counter,
+    finished,
+    make_model_dir,
+    running_server,
+    sse_data,
+    wait_for,
+)
 from tiny_models import WORDS
 
 NUM_STREAMS = 64
@@ -49,17 +61,6 @@ MAX_TOKENS = 64
 RSS_GROWTH_LIMIT_MIB = 32
 
 pytestmark = pytest.mark.e2e
-
-RUNNING, WAITING = "fastserve:num_requests_running", "fastserve:num_requests_waiting"
-SWAPPED, KV_USAGE = "fastserve:num_requests_swapped", "fastserve:kv_cache_usage_perc"
-
-
-def counter(metrics: dict[str, float], name: str) -> float:
-    return metrics.get(f"fastserve:{name}_total", 0.0)
-
-
-def finished(metrics: dict[str, float], reason: str) -> float:
-    return metrics.get(f'fastserve:request_success_total{{finished_reason="{reason}"}}', 0.0)
 
 
 def rss_bytes(pid: int) -> int:
