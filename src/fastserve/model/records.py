@@ -116,21 +116,8 @@ class QuantRecord:
         return tensors  # QuantLinear buffers are stored as they are
 
     def read(self, value: Any, config_path: Path) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise CheckpointError(f"quantization_config in {config_path} is not a JSON object")
-        method = value.get("quant_method")
-        if method != QUANT_METHOD:
-            raise CheckpointError(
-                f"{config_path} uses quant_method {method!r}; FastServe loads {QUANT_METHOD!r} only"
-            )
-        if value.get("format_version") != QUANT_FORMAT_VERSION:
-            raise CheckpointError(
-                f"{config_path} has quantization format_version {value.get('format_version')!r}; "
-                f"this FastServe reads version {QUANT_FORMAT_VERSION}"
-            )
-        modules = value.get("modules")
-        if not isinstance(modules, dict) or not modules:
-            raise CheckpointError(f"quantization_config in {config_path} lists no modules")
+        where = f"quantization_config in {config_path}"
+        modules = _check_header(value, where, "quant_method", QUANT_METHOD, QUANT_FORMAT_VERSION)
         for name, scheme in modules.items():
             try:
                 QuantScheme.from_dict(scheme)
@@ -261,20 +248,7 @@ class SparseRecord:
 
     def read(self, value: Any, config_path: Path) -> dict[str, Any]:
         where = f"sparsity_config in {config_path}"
-        if not isinstance(value, dict):
-            raise CheckpointError(f"{where} is not a JSON object")
-        if value.get("format") != BITMASK_FORMAT:
-            raise CheckpointError(
-                f"{where} has format {value.get('format')!r}; FastServe reads {BITMASK_FORMAT!r}"
-            )
-        if value.get("format_version") != SPARSE_FORMAT_VERSION:
-            raise CheckpointError(
-                f"{where} has format_version {value.get('format_version')!r}; this FastServe "
-                f"reads version {SPARSE_FORMAT_VERSION}"
-            )
-        modules = value.get("modules")
-        if not isinstance(modules, dict) or not modules:
-            raise CheckpointError(f"{where} lists no modules")
+        modules = _check_header(value, where, "format", BITMASK_FORMAT, SPARSE_FORMAT_VERSION)
         for name, m in modules.items():
             ok = isinstance(m, dict) and m.get("format") in (BITMASK_FORMAT, DENSE_FORMAT)
             try:
@@ -361,3 +335,23 @@ class _BitmaskDecoder:
 
 # Applied in this order: quantized modules are swapped in before the sparse record checks them.
 RECORD_KINDS: tuple[RecordKind, ...] = (QuantRecord(), SparseRecord())
+
+
+def _check_header(value: Any, where: str, kind_key: str, kind: str, version: int) -> dict:
+    """The common head of a saved record: a JSON object of the expected kind and format_version
+    that lists its modules; returns the modules."""
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{where} is not a JSON object")
+    if value.get(kind_key) != kind:
+        raise CheckpointError(
+            f"{where} has {kind_key} {value.get(kind_key)!r}; FastServe reads {kind!r} only"
+        )
+    if value.get("format_version") != version:
+        raise CheckpointError(
+            f"{where} has format_version {value.get('format_version')!r}; this FastServe reads "
+            f"version {version}"
+        )
+    modules = value.get("modules")
+    if not isinstance(modules, dict) or not modules:
+        raise CheckpointError(f"{where} lists no modules")
+    return modules

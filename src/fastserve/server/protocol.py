@@ -159,8 +159,6 @@ class CompletionRequest(_SamplingRequest):
             raise ValueError("suffix is not supported")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of is not supported (only best_of == n)")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens must be >= 1 (max_tokens=0 needs echo=true)")
         if self.max_tokens is not None and self.max_tokens < 0:
