@@ -242,7 +242,8 @@ def _add_compress_args(p: argparse.ArgumentParser) -> None:
         metavar="RECIPE|PRESET",
         help="a YAML recipe file or a preset: w8a16, w4a16, w4a16-gptq, w4a16-awq, w3a16-gptq, "
         "w8a8; pruning: sparse50-wanda, sparse50-sparsegpt, 2of4-sparsegpt, struct30 (a smaller "
-        "dense model; see docs/compress.md)",
+        "dense model); deep-compression (SparseGPT 50%% + 4-bit k-means weight sharing + entropy "
+        "coding, decoded at load); see docs/compress.md",
     )
     p.add_argument(
         "--calib",
@@ -331,7 +332,7 @@ COMMANDS = [
     ),
     Command(
         "compress",
-        "quantize a model dir (RTN, GPTQ, AWQ, SmoothQuant W8A8) by recipe or preset",
+        "quantize, prune or deep-compress a model dir by recipe or preset",
         "Compress MODEL_DIR with a recipe (YAML) or preset, calibrating layer by layer on --calib, "
         "and write a model dir that `generate` and the engine serve.",
         _add_compress_args,

@@ -20,6 +20,8 @@ computes lives in private attributes set in `initialize`, so one Recipe can run 
                                                     the compressor summarizes each record from
                                                     its modifiers (quant.quantization_summary,
                                                     prune.sparsity_summary); None: no record
+                                                    (weight sharing: its SharedLinear modules
+                                                    announce their record to save_model)
 
 A modifier that `reshapes` (structured pruning: prune/structured.py) changes the model's config.
 It must come first in a recipe, does all its work in `initialize`, is never walked, and
@@ -70,6 +72,8 @@ class ResolveState:
 
     quantized_by: dict[str, int] = field(default_factory=dict)
     pruned_by: dict[str, int] = field(default_factory=dict)
+    # Weight-shared linears (share/kmeans.py): no later modifier may touch them.
+    shared_by: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -111,6 +115,7 @@ class Modifier(Protocol):
     type: ClassVar[str]  # the recipe's `type:`
     quantizes: ClassVar[bool]  # replaces its targets by QuantLinear modules
     prunes: ClassVar[bool]  # zeroes weights of its targets (recorded in sparsity_config)
+    shares: ClassVar[bool]  # leaves at most 2^bits distinct values per target (SharedLinear)
     needs_data: ClassVar[bool]  # needs calibration tokens
     reshapes: ClassVar[bool]  # changes the model's config (module docstring)
     record_key: ClassVar[str | None]  # QUANT_RECORD, SPARSE_RECORD or None (no record)
@@ -142,6 +147,7 @@ class ModifierBase:
     type: ClassVar[str] = ""
     quantizes: ClassVar[bool] = False
     prunes: ClassVar[bool] = False
+    shares: ClassVar[bool] = False
     needs_data: ClassVar[bool] = True
     reshapes: ClassVar[bool] = False
     record_key: ClassVar[str | None] = QUANT_RECORD

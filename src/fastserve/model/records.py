@@ -6,6 +6,9 @@ treat every kind the same way.
     quantization_config    QuantLinear (model/quantized.py)     weight_packed, weight_scale, ...
     sparsity_config        nn.Linear, dense weight rebuilt       shape, compressed, bitmask,
                            at load (model/sparse.py)             row_offsets (sparse-bitmask)
+    weight_sharing_config  nn.Linear / nn.Embedding, dense        weight_shape, weight_codebook,
+                           weight decoded at load                weight_positions, ...
+                           (model/shared.py)                     (deep-compression)
 
 A kind is an object with these steps (`RecordKind`); load_model runs them in this order:
 
@@ -34,6 +37,16 @@ from torch import Tensor, nn
 
 from fastserve.errors import CheckpointError, ConfigError
 from fastserve.model.quantized import QuantLinear, QuantScheme, quantization_modules, replace_linear
+from fastserve.model.shared import (
+    DEEP_FORMAT,
+    DEEP_PARTS,
+    MAX_BITS,
+    PartError,
+    deep_compress,
+    deep_decompress,
+    is_shared,
+    shared_modules,
+)
 from fastserve.model.sparse import (
     BITMASK_FORMAT,
     BITMASK_PARTS,
@@ -46,7 +59,9 @@ from fastserve.model.sparse import (
 QUANT_METHOD = "fastserve"
 QUANT_FORMAT_VERSION = 1
 SPARSE_FORMAT_VERSION = 1
-DENSE_FORMAT = "dense"  # a sparse module whose tensors another record stores (a QuantLinear)
+SHARE_FORMAT_VERSION = 1
+# A sparse module whose tensors another record stores (a QuantLinear, a weight-shared linear).
+DENSE_FORMAT = "dense"
 
 
 class TensorDecoder(Protocol):
@@ -185,7 +200,9 @@ class SparseRecord:
     "global_sparsity", ...what the compressor describes (method, recipe)..., "modules": {name:
     {"format", "structure", "sparsity"}}}. A float linear is stored as bitmask parts and rebuilt
     as a dense nn.Linear at load; a quantized one ("format": "dense") keeps its QuantLinear
-    tensors (zeros stay zero codes) and the record only describes it.
+    tensors (zeros stay zero codes) and a weight-shared one ("format": "dense") its
+    weight_sharing_config parts (zeros stay out of the positions): the record only describes
+    them.
 
     save_model's `sparsity_config` names the pruned modules, {"modules": {name: {"structure":
     "2:4" | "unstructured"}}, ...}: a pruned weight is a dense tensor with zeros and cannot
@@ -219,8 +236,9 @@ class SparseRecord:
                 raise ConfigError(f"sparse module {name!r} does not have its {structure} pattern")
             num_zeros = int((w == 0).sum())
             zeros, total = zeros + num_zeros, total + w.numel()
+            stored_elsewhere = isinstance(module, QuantLinear) or is_shared(module)
             modules[name] = {
-                "format": DENSE_FORMAT if isinstance(module, QuantLinear) else BITMASK_FORMAT,
+                "format": DENSE_FORMAT if stored_elsewhere else BITMASK_FORMAT,
                 "structure": structure,
                 "sparsity": round(num_zeros / w.numel(), 6),
             }
@@ -333,8 +351,126 @@ class _BitmaskDecoder:
             raise CheckpointError(f"tensor '{module}.{missing}' is missing from {self.path}")
 
 
-# Applied in this order: quantized modules are swapped in before the sparse record checks them.
-RECORD_KINDS: tuple[RecordKind, ...] = (QuantRecord(), SparseRecord())
+# ---- weight_sharing_config -----------------------------------------------------------------------
+
+
+def _check_bits(name: str, entry: Any, where: str) -> int:
+    bits = entry.get("bits") if isinstance(entry, dict) else None
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
+        raise CheckpointError(
+            f"weight-shared module {name!r} in {where} needs bits in [1, {MAX_BITS}], got {entry!r}"
+        )
+    return bits
+
+
+class ShareRecord:
+    """weight_sharing_config: {"format": "deep-compression", "format_version": 1, "bits",
+    "modules": {name: {"bits": b}}}. A weight-shared linear or embedding (SharedLinear /
+    SharedEmbedding: the type announces it, as a QuantLinear's does) is stored as Deep
+    Compression parts (model/shared.py) and decoded at load into a plain nn.Linear /
+    nn.Embedding weight. `bits` is the modules' one width, or the list of the distinct ones."""
+
+    key = "weight_sharing_config"
+
+    def make(self, model: nn.Module, given: dict[str, Any] | None) -> dict[str, Any] | None:
+        modules = shared_modules(model)
+        if given is not None:
+            raise ConfigError("weight_sharing_config is made from the model's shared modules")
+        if not modules:
+            return None
+        return {
+            "format": DEEP_FORMAT,
+            "format_version": SHARE_FORMAT_VERSION,
+            "bits": _distinct(modules.values()),
+            "modules": {name: {"bits": bits} for name, bits in modules.items()},
+        }
+
+    def encode(self, tensors: dict[str, Tensor], record: dict[str, Any]) -> dict[str, Tensor]:
+        """Each listed module's `<name>.weight` replaced, in place, by its parts."""
+        bits = {name: m["bits"] for name, m in record["modules"].items()}
+        out: dict[str, Tensor] = {}
+        for name, t in tensors.items():
+            module = name.removesuffix(".weight")
+            if name.endswith(".weight") and module in bits:
+                try:
+                    parts = deep_compress(t, bits[module])
+                except ValueError as e:
+                    raise ConfigError(f"weight-shared module {module!r}: {e}") from None
+                out.update({f"{module}.{p}": parts[p] for p in DEEP_PARTS})
+            else:
+                out[name] = t
+        return out
+
+    def read(self, value: Any, config_path: Path) -> dict[str, Any]:
+        where = f"weight_sharing_config in {config_path}"
+        modules = _check_header(value, where, "format", DEEP_FORMAT, SHARE_FORMAT_VERSION)
+        for name, entry in modules.items():
+            _check_bits(name, entry, str(config_path))
+        return value
+
+    def build(
+        self, model: nn.Module, record: dict[str, Any], dtype: torch.dtype, path: Path
+    ) -> dict[str, torch.dtype]:
+        for name in record["modules"]:
+            if not isinstance(_module(model, name), (nn.Linear, nn.Embedding)):
+                raise CheckpointError(
+                    f"weight-shared module {name!r} in {path} is not a float linear or embedding"
+                )
+        return {}  # the decoded weights take the model dtype like any dense weight
+
+    def decoder(self, record: dict[str, Any], path: Path) -> TensorDecoder | None:
+        return _SharedDecoder(record, path)
+
+    def check(self, model: nn.Module, record: dict[str, Any], path: Path) -> None:
+        pass  # the decoder checked every part
+
+
+class _SharedDecoder:
+    """Collects each weight-shared module's parts (they may sit in different shards) and yields
+    `<name>.weight` once all have arrived."""
+
+    def __init__(self, record: dict[str, Any], path: Path) -> None:
+        self.path = path
+        self.bits = {name: m["bits"] for name, m in record["modules"].items()}
+        self.pending: dict[str, dict[str, Tensor]] = {n: {} for n in self.bits}
+
+    def _split(self, name: str) -> tuple[str, str] | None:
+        module, _, part = name.rpartition(".")
+        if module in self.bits and (part in DEEP_PARTS or part == "weight"):
+            return module, part
+        return None
+
+    def claims(self, name: str) -> bool:
+        return self._split(name) is not None
+
+    def feed(self, name: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
+        module, part = self._split(name)
+        if part == "weight":
+            raise CheckpointError(
+                f"unexpected tensor {name!r} in {self.path}: the module is stored deep-compressed"
+            )
+        parts = self.pending.get(module)
+        if parts is None or part in parts:
+            raise CheckpointError(f"tensor {name!r} appears twice in {self.path}")
+        parts[part] = tensor
+        if len(parts) < len(DEEP_PARTS):
+            return []
+        try:
+            weight = deep_decompress(parts, self.bits[module])
+        except PartError as e:
+            raise CheckpointError(f"tensor '{module}.{e.part}' in {self.path}: {e}") from e
+        del self.pending[module]
+        return [(f"{module}.weight", weight)]
+
+    def finish(self) -> None:
+        for module, parts in self.pending.items():
+            missing = next(p for p in DEEP_PARTS if p not in parts)
+            raise CheckpointError(f"tensor '{module}.{missing}' is missing from {self.path}")
+
+
+# Applied in this order: quantized modules are swapped in before the sparse record checks them;
+# the sparse record leaves weight-shared modules to the last one.
+RECORD_KINDS: tuple[RecordKind, ...] = (QuantRecord(), SparseRecord(), ShareRecord())
 
 
 def _check_header(value: Any, where: str, kind_key: str, kind: str, version: int) -> dict:
