@@ -1,7 +1,8 @@
 """URL targets: a real `fastserve serve` process gives the numbers of the model dir (perplexity
-and tasks, through /v1/completions echo + logprobs with token-id prompts); a server without echo
-logprobs, a server that is down, a bad task file or a missing data dir -> one `error:` line,
-exit status 2 and no --output file."""
+and tasks, through /v1/completions echo + logprobs with token-id prompts; generative tasks
+through /v1/completions and /v1/chat/completions); a server without echo logprobs, a server
+that is down, a bad task file or a missing data dir -> one `error:` line, exit status 2 and no
+--output file; generative tasks need no echo, and a server error is one `error:` line."""
 
 from __future__ import annotations
 
@@ -97,6 +98,9 @@ class _NoEcho(BaseHTTPRequestHandler):
 
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path == "/v1/chat/completions":
+            self._send({"error": {"message": "chat is broken", "type": "server_error"}}, 500)
+            return
         lp = {"tokens": ["x"], "token_logprobs": [-0.5], "top_logprobs": [{"x": -0.5}],
               "text_offset": [0]}  # fmt: skip
         self._send({"choices": [{"index": 0, "text": "x", "logprobs": lp}]})
@@ -146,3 +150,52 @@ def test_bad_urls_and_task_inputs_exit_2(no_echo_url, task_files, tmp_path, caps
         capsys,
     )
     _fails(["eval", model_dir, "--tasks", "piqa"], "pass --task-data DIR", out, capsys)
+
+
+def _gen_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_generative_url_target_equals_the_model_dir(served, tmp_path):
+    """Plain prompts through /v1/completions, chat rows (and --apply-chat-template) through
+    /v1/chat/completions: the same outputs and metrics as the model dir."""
+    model_dir, url = served
+    words = "the cat sat on a mat while server tokens queue blocks cache model".split()
+    prompts = [" ".join(words[i : i + 3 + i % 4]) for i in range(8)]
+    plain_rows = [{"prompt": p, "references": [p, "the cat"]} for p in prompts]
+    chat_rows = [{"messages": [{"role": "user", "content": p}], "reference": p} for p in prompts]
+    plain = _gen_rows(tmp_path / "plain.jsonl", plain_rows)
+    chat = _gen_rows(tmp_path / "chat.jsonl", chat_rows[:4])
+    args = {"tasks": [plain, chat], "gen_kwargs": "max_gen_toks=12", "log_samples": True}
+    local, remote = evaluate(model_dir, **args), evaluate(url, **args)
+    templated = {**args, "tasks": [plain], "apply_chat_template": True, "limit": 3}
+    local_t, remote_t = evaluate(model_dir, **templated), evaluate(url, **templated)
+    for lr, rr in ((local, remote), (local_t, remote_t)):
+        for tl, tr in zip(lr["tasks"], rr["tasks"], strict=True):
+            for key in ("output", "num_tokens", "finish_reason"):
+                assert [s[key] for s in tr["samples"]] == [s[key] for s in tl["samples"]], key
+            assert tr["num_prompt_tokens"] == tl["num_prompt_tokens"]
+            assert tr["metrics"] == pytest.approx(tl["metrics"], rel=1e-12, abs=1e-12)
+    assert local["tasks"][1]["num_chat_prompts"] == 4
+    assert local_t["tasks"][0]["num_chat_prompts"] == 3
+    assert remote["tasks"][0]["finish_reasons"] == local["tasks"][0]["finish_reasons"]
+    outputs = [s["output"] for s in local["tasks"][0]["samples"]]
+    assert len(set(outputs)) >= 6 and remote["target"]["prompt_format"] == "token_ids"
+
+
+def test_generative_tasks_need_no_echo_and_server_errors_are_one_line(
+    no_echo_url, tmp_path, capsys
+):
+    model_dir = make_model_dir(tmp_path / "model")
+    plain = _gen_rows(tmp_path / "p.jsonl", [{"prompt": "the cat", "reference": "x"}] * 3)
+    r = evaluate(no_echo_url, tasks=[plain], tokenizer=model_dir, log_samples=True)
+    (entry,) = r["tasks"]
+    assert [s["output"] for s in entry["samples"]] == ["x"] * 3
+    assert entry["metrics"]["exact_match"] == 1.0
+    chat = _gen_rows(
+        tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"}], "reference": "x"}]
+    )
+    out = tmp_path / "r.json"
+    argv = ["eval", no_echo_url, "--tasks", chat, "--tokenizer", model_dir]
+    _fails(argv, f"POST {no_echo_url}/v1/chat/completions: HTTP 500: chat is broken", out, capsys)

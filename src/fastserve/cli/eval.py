@@ -48,8 +48,75 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
         action="extend",
         default=[],
         metavar="NAME|FILE",
-        help="log-likelihood tasks (lm-eval's conventions): piqa, lambada, ARC/HellaSwag-style "
-        ".jsonl files or .yaml task files (docs/eval.md); repeatable",
+        help="lm-eval-style tasks: piqa, lambada, ARC/HellaSwag-style .jsonl files, generative "
+        ".jsonl files (rows {prompt|messages, reference|references}) or .yaml task files "
+        "(docs/eval.md); repeatable",
+    )
+    p.add_argument(
+        "--gen-kwargs",
+        default=None,
+        metavar="K=V,...",
+        help="generative tasks: override each task's generation settings, as lm-eval's "
+        "--gen_kwargs: until, max_gen_toks, do_sample, temperature, top_p, top_k, seed "
+        "(e.g. temperature=0.7,top_p=0.9,max_gen_toks=64,seed=1; or a JSON object such as "
+        '\'{"until": ["\\n", "."]}\'); default greedy, 256 tokens',
+    )
+    p.add_argument(
+        "--apply-chat-template",
+        action="store_true",
+        help="generative tasks: render plain prompts with the tokenizer's chat template (the "
+        "prompt as one user message, a task's description as the system message); messages "
+        "rows always use it",
+    )
+    p.add_argument(
+        "--log-samples",
+        action="store_true",
+        help="generative tasks: keep every doc's prompt, output, references and scores in the "
+        "results (tasks[].samples of --output)",
+    )
+    p.add_argument(
+        "--bootstrap-iters",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="resamples of the docs for the stderr of BLEU and chrF (1000; 0: no stderr)",
+    )
+    p.add_argument(
+        "--speed",
+        action="store_true",
+        help="also measure speed through the serving engine (a URL: over HTTP): prefill tok/s, "
+        "TTFT, decode tok/s and ms/step at each --speed-batch-sizes, weights bytes, peak RSS, "
+        "the bytes a decode step reads and their share of the memory bandwidth measured in the "
+        "same run; runs first (docs/eval.md)",
+    )
+    p.add_argument(
+        "--speed-prompt-len",
+        type=int,
+        default=None,
+        metavar="N",
+        help="--speed: prompt tokens (default 128, clipped to the context)",
+    )
+    p.add_argument(
+        "--speed-decode-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="--speed: new tokens per request (default 64, at most half the context)",
+    )
+    p.add_argument(
+        "--speed-batch-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="B",
+        help="--speed: batch sizes (a URL: requests in flight) to time decode at (default 1 16)",
+    )
+    p.add_argument(
+        "--speed-repeats",
+        type=int,
+        default=None,
+        metavar="N",
+        help="--speed: timed runs per figure, after one warm-up; medians are reported (3)",
     )
     p.add_argument(
         "--task-data",
@@ -139,6 +206,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             "--tasks": args.tasks,
             "--task-data": args.task_data,
             "--tokenizer": args.tokenizer,
+            "--gen-kwargs": args.gen_kwargs,
+            "--apply-chat-template": args.apply_chat_template or None,
+            "--log-samples": args.log_samples or None,
+            "--speed": args.speed or None,
         }
         given = [flag for flag, value in eval_only.items() if value not in (None, [])]
         if given:
@@ -178,6 +249,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         progress=True,
+        gen_kwargs=args.gen_kwargs,
+        apply_chat_template=args.apply_chat_template,
+        log_samples=args.log_samples,
+        bootstrap_iters=args.bootstrap_iters,
+        speed=_speed(args),
     )
     for table in results_tables(results):
         console.print(table)
@@ -185,6 +261,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         write_results(args.output, results)
         console.print(f"[green]wrote[/green] {args.output}")
     return 0
+
+
+def _speed(args: argparse.Namespace) -> dict | None:
+    from fastserve.errors import ConfigError
+
+    options = {
+        "prompt_len": args.speed_prompt_len,
+        "decode_tokens": args.speed_decode_tokens,
+        "batch_sizes": args.speed_batch_sizes,
+        "repeats": args.speed_repeats,
+    }
+    if not args.speed:
+        given = [k for k, v in options.items() if v is not None]
+        if given:
+            flag = "--speed-" + given[0].replace("_", "-")
+            raise ConfigError(f"{flag} needs --speed.")
+        return None
+    return options
 
 
 def _compare(files: list[str]) -> int:
@@ -206,12 +300,15 @@ def _compare(files: list[str]) -> int:
 COMMANDS = [
     Command(
         "eval",
-        "perplexity, fidelity (KLD) and lm-eval tasks of a model dir or server; compare results",
+        "perplexity, fidelity (KLD), lm-eval and generative tasks, speed of a model dir or "
+        "server; compare results",
         "Evaluate TARGET (a model dir, dense or compressed, or an OpenAI-compatible server URL) on "
         "--data: sliding-window perplexity and bits per byte, and with --ref the KL divergence "
         "statistics of llama.cpp's `llama-perplexity --kl-divergence` on the same tokens; on "
         "--tasks: log-likelihood tasks scored with lm-evaluation-harness's conventions (acc, "
-        "acc_norm, perplexity) through the serving engine; prints tables and writes --output "
+        "acc_norm, perplexity) and generative tasks (exact match, BLEU, chrF, ROUGE-L of greedy "
+        "or sampled outputs) through the serving engine; with --speed: prefill and decode speed, "
+        "TTFT, memory and bandwidth use; prints tables and writes --output "
         "JSON. `fastserve eval compare A.json B.json ...` prints results side by side with "
         "deltas against the first. See docs/eval.md.",
         _add_eval_args,

@@ -6,11 +6,19 @@ Quality of a model (its outputs, scored on data):
   perplexity.py     sliding windows over a token stream; per-token NLL, perplexity, bits per byte
   fidelity.py       KL(ref || target) and llama.cpp's fidelity statistics on the same tokens
   datasets.py       text files, directories, a shard dir's val split -> one token stream + hash
-  tasks.py          log-likelihood tasks (piqa, lambada, ARC/HellaSwag jsonl) -> docs, requests
+  tasks.py          log-likelihood tasks (piqa, lambada, ARC/HellaSwag jsonl) -> docs, requests;
+                    which jsonl / YAML files are generative
   task_yaml.py      YAML task files (lm-eval's keys, Jinja templates, a local jsonl)
   loglikelihood.py  lm-eval's tokenization and metrics; scoring through the serving engine
-  remote.py         scoring through an OpenAI-compatible server (/v1/completions echo logprobs)
+  generative.py     generative tasks (prompt or messages rows, references): generation settings,
+                    prompts (chat template), generation through the serving engine, the entry
+  gen_metrics.py    exact match, sacrebleu's BLEU / chrF, ROUGE-L, their stderrs (pure functions)
+  remote.py         scoring through an OpenAI-compatible server (/v1/completions echo logprobs),
+                    generation through /v1/completions and /v1/chat/completions
   stats.py          stderr and quantiles with llama.cpp's conventions
+  speed.py          `--speed`: prefill, TTFT and decode speed through the serving engine
+  memory.py         bytes of weights and of a decode step, RSS, a measured copy bandwidth
+  speed_url.py      the same speed numbers of a server, timed on the client
   results.py        the results JSON: schema, model dir hash, versions, reading it back
   tables.py         rich tables of one result and of several compared
 

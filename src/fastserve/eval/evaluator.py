@@ -1,5 +1,6 @@
 """`evaluate()`: a model dir's perplexity and bits per byte on each dataset, and its fidelity
-to a reference model dir on the same tokens, as the results dict of results.py.
+to a reference model dir on the same tokens, its log-likelihood and generative tasks, as the
+results dict of results.py.
 
     from fastserve.eval import evaluate
     r = evaluate("runs/small-w4", ref="runs/small/model", data=["runs/stdlib-data"])
@@ -145,12 +146,13 @@ def _model_dir(path: str | Path, role: str) -> Path:
     return p
 
 
-def check_sources(data, tasks) -> tuple[list[str], list[str]]:
+def check_sources(data, tasks, speed: bool = False) -> tuple[list[str], list[str]]:
     sources = [str(data)] if isinstance(data, str | Path) else [str(d) for d in data]
     specs = [str(tasks)] if isinstance(tasks, str | Path) else [str(t) for t in tasks]
-    if not sources and not specs:
+    if not sources and not specs and not speed:
         raise ConfigError(
-            "nothing to evaluate: give datasets (--data FILE|DIR|SHARDS) or tasks (--tasks)."
+            "nothing to evaluate: give datasets (--data FILE|DIR|SHARDS), tasks (--tasks) or "
+            "--speed."
         )
     return sources, specs
 
@@ -184,6 +186,33 @@ def task_engine(
         device=str(model.device),
     )
     return LLMEngine(model, tokenizer, config)
+
+
+def prepare_task(task, tokenizer, max_len: int, limit: int | None, gen):
+    """A task's encoded requests (loglikelihood.encode_requests, or a generative task's
+    GenBatch); every check of the task's docs against the tokenizer and the context."""
+    from fastserve.eval.generative import GenTask, TokenizerPrompts, prepare_generation
+    from fastserve.eval.loglikelihood import encode_requests, prefix_token_id
+
+    if isinstance(task, GenTask):
+        return prepare_generation(task, TokenizerPrompts(tokenizer), max_len, gen, limit)
+    prefix = prefix_token_id(tokenizer)
+    return encode_requests(task.requests(limit), tokenizer.encode_batch, prefix, max_len, task.name)
+
+
+def engine_task_runner(engine, gen, progress=None):
+    """(task, prepared requests) -> the task's results entry, through `engine`."""
+    from fastserve.eval.generative import EngineGenerator, GenTask, run_gen_task
+    from fastserve.eval.loglikelihood import EngineScorer, run_task
+
+    scorer, generator = EngineScorer(engine), EngineGenerator(engine)
+
+    def run(task, prepared):
+        if isinstance(task, GenTask):
+            return run_gen_task(task, prepared, generator, gen, progress)
+        return run_task(task, scorer, prepared, progress)
+
+    return run
 
 
 def check_settings(context_len, stride, batch_size, limit, limits: dict[str, int]) -> None:
@@ -233,6 +262,11 @@ def evaluate(
     tokenizer: str | Path | None = None,
     api_key: str | None = None,
     concurrency: int = 8,
+    gen_kwargs: str | dict | None = None,
+    apply_chat_template: bool = False,
+    log_samples: bool = False,
+    bootstrap_iters: int = 1000,
+    speed: bool | dict | None = False,
 ) -> dict[str, Any]:
     """Evaluate `target` on each of `data` (text files, directories, shard dirs) and `tasks`
     (built-in names, .jsonl or .yaml task files; built-ins read `task_data`); the results dict.
@@ -244,21 +278,29 @@ def evaluate(
     window (default context_len // 2); limit: at most this many tokens of each dataset and docs
     of each task; dtype: weights dtype (default: each checkpoint's); task_batch_tokens and
     kv_cache_memory: the scoring engine's step budget and KV pool.
+    Generative tasks (generative.py): gen_kwargs overrides each task's generation settings
+    (lm-eval's --gen_kwargs: "temperature=0.7,max_gen_toks=64", a JSON object or a dict);
+    apply_chat_template renders plain prompts as one user message of the chat template;
+    log_samples keeps every doc's prompt, output and scores in its entry; bootstrap_iters
+    resamples give the stderr of bleu and chrf (0: none).
+    speed: True, or a dict of speed.py's options (prompt_len, decode_tokens, batch_sizes,
+    repeats), measures prefill / decode speed, TTFT, memory and bandwidth use through the engine
+    (for a URL: over HTTP) into results["speed"]; it runs first, right after the target loads,
+    so the peak RSS is the model's and the engine's, not the scoring's.
     FastServeError (one line) for bad input: a missing dir, a tokenizer mismatch, a context
     longer than a model's, a missing or empty dataset, a bad task file, a server that is down.
     """
     from fastserve.data.tokenizer import Tokenizer
-    from fastserve.eval.loglikelihood import (
-        EngineScorer,
-        encode_requests,
-        prefix_token_id,
-        run_task,
-    )
+    from fastserve.eval.generative import GenOptions
     from fastserve.eval.tasks import load_task
     from fastserve.model.checkpoint import load_config, load_model, parse_dtype
 
     wall_start = time.perf_counter()
-    sources, specs = check_sources(data, tasks)
+    from fastserve.eval.speed import measure_speed, resolve_lengths, speed_options
+
+    speed_opts = speed_options(speed)
+    sources, specs = check_sources(data, tasks, speed_opts is not None)
+    gen = GenOptions.parse(gen_kwargs, apply_chat_template, log_samples, bootstrap_iters)
     if is_url(target):
         from fastserve.eval.remote_eval import evaluate_url
 
@@ -278,6 +320,8 @@ def evaluate(
             api_key,
             concurrency,
             progress,
+            gen=gen,
+            speed=speed_opts,
         )
     target_dir = _model_dir(target, "target")
     ref_dir = None if ref is None else _model_dir(ref, "--ref")
@@ -320,10 +364,10 @@ def evaluate(
             )
     task_list = [load_task(spec, task_data) for spec in specs]
     max_len = configs["target"].max_position_embeddings
-    task_docs = [  # every task check before any weights load
-        encode_requests(t.requests(limit), tok.encode_batch, prefix_token_id(tok), max_len, t.name)
-        for t in task_list
-    ]
+    # every task check before any weights load
+    task_docs = [prepare_task(t, tok, max_len, limit, gen) for t in task_list]
+    if speed_opts is not None:
+        resolve_lengths(max_len, speed_opts.get("prompt_len"), speed_opts.get("decode_tokens"))
 
     with progress_bar(progress) as bar:
         shas = {}
@@ -335,6 +379,9 @@ def evaluate(
             advance = (lambda n, t=task: bar.update(t, advance=n)) if bar is not None else None
             shas[role] = dir_sha256(path, advance)
         model = load_model(target_dir, device=device, dtype=dtype)
+        speed_entry = None
+        if speed_opts is not None:  # before anything else grows the process's peak RSS
+            speed_entry = measure_speed(model, tok, device=device, progress=bar, **speed_opts)
         ref_model = None if ref_dir is None else load_model(ref_dir, device=device, dtype=dtype)
         settings = {
             "context_len": context_len,
@@ -343,6 +390,7 @@ def evaluate(
             "limit": limit,
             "device": device,
             "dtype": None if dtype is None else str(dtype).removeprefix("torch."),
+            **gen.settings(task_list),
         }
         results = new_results(
             model_info(target_dir, model, shas["target"]),
@@ -354,15 +402,14 @@ def evaluate(
                 "start_token_id": start_token_id(tok),
             },
         )
+        results["speed"] = speed_entry
         for d in datasets:
             entry = evaluate_loaded(model, d, context_len, stride, batch_size, ref_model, bar)
             results["datasets"].append(entry)
         if task_list:
             del ref_model
             engine = task_engine(model, tok, task_batch_tokens, kv_cache_memory)
-            scorer = EngineScorer(engine)
-            for t, docs in zip(task_list, task_docs):
-                entry = run_task(t, scorer, docs, bar)
-                results["tasks"].append(entry)
+            run = engine_task_runner(engine, gen, bar)
+            results["tasks"].extend(run(t, docs) for t, docs in zip(task_list, task_docs))
     results["wall_time_s"] = time.perf_counter() - wall_start
     return results

@@ -1,9 +1,11 @@
-"""Scoring through any OpenAI-compatible server: `/v1/completions` with `echo` + `logprobs`.
+"""Scoring through any OpenAI-compatible server: `/v1/completions` with `echo` + `logprobs`;
+generation through `/v1/completions` and `/v1/chat/completions`.
 
     server = RemoteServer("http://127.0.0.1:8000", api_key=None)   # GET /v1/models
     server.probe([5, 17, 230])                 # echo + logprobs and token-id prompts, or an error
     nll = server.window_nll(stream, windows)   # perplexity windows (perplexity.py)
     results = RemoteScorer(server).score(docs) # log-likelihood requests (loglikelihood.py)
+    outputs = RemoteGenerator(server).generate(requests)  # generative tasks (generative.py)
 
 Every prompt is sent with `echo: true, logprobs: 1, max_tokens: 1, temperature: 0` (what
 lm-evaluation-harness's local-completions sends); entry i of the choice's `token_logprobs` is
@@ -14,6 +16,12 @@ sent as text and the continuation's tokens are those that start at or after its 
 character in the echoed text (a token straddling the boundary is left out: the server's
 tokenization is not lm-eval's; `prompt_format` "text" in the results says so). Requests carry
 several prompts each and run `concurrency` at a time.
+
+Generation sends one doc per request, `concurrency` at a time, with the request's own settings
+(`max_tokens` clipped to the context, `stop`, `temperature`, `top_p`, `seed`; `top_k`, a vLLM
+extra, only when set): a plain prompt to /v1/completions (token ids when the server takes them,
+see `probe_prompts`), a chat prompt's messages to /v1/chat/completions, where the server applies
+its chat template. The generated text and `usage.completion_tokens` come back.
 
 What it does not know: tasks, metrics, the results schema.
 """
@@ -28,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fastserve.errors import FastServeError
+from fastserve.eval.generative import GenOutput, GenRequest
 from fastserve.eval.loglikelihood import (
     LoglikelihoodRequest,
     LoglikelihoodResult,
@@ -37,9 +46,10 @@ from fastserve.eval.loglikelihood import (
 from fastserve.eval.openai_client import auth_headers, error_message, fetch_models
 from fastserve.eval.perplexity import Window
 
-__all__ = ["RemoteScorer", "RemoteServer", "RemoteTokenizer"]
+__all__ = ["RemoteGenerator", "RemoteScorer", "RemoteServer", "RemoteTokenizer"]
 
 COMPLETIONS = "/v1/completions"
+CHAT_COMPLETIONS = "/v1/chat/completions"
 PROMPTS_PER_REQUEST = 16
 MISSING = (
     "the scoring needs /v1/completions with echo=true and logprobs (the log-probabilities of the "
@@ -152,6 +162,18 @@ class RemoteServer:
             return
         self._check_echo(echo, len(token_ids))
 
+    def probe_prompts(self, token_ids: list[int], text: str) -> None:
+        """For generation alone (no echo needed): whether /v1/completions takes token-id
+        prompts (else text prompts are sent); FastServeError when it takes neither."""
+        payload = {"model": self.model, "max_tokens": 1, "temperature": 0.0}
+        try:
+            self._post(COMPLETIONS, {**payload, "prompt": list(token_ids)})
+        except FastServeError as exc:
+            if "HTTP 4" not in str(exc):
+                raise
+            self._post(COMPLETIONS, {**payload, "prompt": text})
+            self.token_prompts = False
+
     def _check_echo(self, echo: _Echo, num_prompt: int) -> None:
         if echo.num_tokens < num_prompt or all(v is None for v in echo.chosen[1:num_prompt]):
             raise FastServeError(
@@ -248,6 +270,62 @@ class RemoteScorer:
         return greedy_result(chosen, best)
 
 
+class RemoteGenerator:
+    """The `Generator` of generative.py over a RemoteServer (the module docstring)."""
+
+    def __init__(self, server: RemoteServer) -> None:
+        self.server = server
+
+    def _payload(self, req: GenRequest) -> tuple[str, dict]:
+        p = req.params
+        body = {
+            "model": self.server.model,
+            "max_tokens": p.max_tokens,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+        }
+        if p.stop:
+            body["stop"] = list(p.stop)
+        if p.top_k:
+            body["top_k"] = p.top_k
+        if p.seed is not None:
+            body["seed"] = p.seed
+        if req.messages is not None:
+            return CHAT_COMPLETIONS, {**body, "messages": [dict(m) for m in req.messages]}
+        prompt = list(req.token_ids) if self.server.token_prompts else req.text
+        return COMPLETIONS, {**body, "prompt": prompt}
+
+    def _one(self, req: GenRequest) -> GenOutput:
+        path, payload = self._payload(req)
+        body = self.server._post(path, payload)
+        choices = body.get("choices") if isinstance(body, dict) else None
+        choice = choices[0] if isinstance(choices, list) and choices else None
+        if not isinstance(choice, dict):
+            raise FastServeError(f"{self.server.url}{path} answered without a choice.")
+        if path == CHAT_COMPLETIONS:
+            message = choice.get("message")
+            text = message.get("content") if isinstance(message, dict) else None
+        else:
+            text = choice.get("text")
+        if text is None and choice.get("finish_reason") == "length":
+            text = ""  # a chat answer cut before any text
+        if not isinstance(text, str):
+            raise FastServeError(f"{self.server.url}{path} returned no generated text.")
+        usage = body.get("usage")
+        num = usage.get("completion_tokens") if isinstance(usage, dict) else None
+        num = num if isinstance(num, int) and not isinstance(num, bool) else 0
+        return GenOutput(text, num, str(choice.get("finish_reason")))
+
+    def generate(self, requests, on_done=None):
+        out = []
+        with ThreadPoolExecutor(self.server.concurrency) as pool:
+            for res in pool.map(self._one, requests):  # in order
+                out.append(res)
+                if on_done is not None:
+                    on_done()
+        return out
+
+
 class RemoteTokenizer:
     """encode_batch through the server's POST /tokenize (FastServe, vLLM), without special
     tokens: the tokenizer of a URL target given no --tokenizer dir."""
@@ -256,7 +334,15 @@ class RemoteTokenizer:
         self.server = server
 
     def _one(self, text: str) -> list[int]:
-        payload = {"model": self.server.model, "prompt": text, "add_special_tokens": False}
+        return self._tokenize({"prompt": text, "add_special_tokens": False})
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> tuple[None, list[int]]:
+        """A chat prompt's token ids, rendered by the server's chat template (the text stays
+        unknown here)."""
+        return None, self._tokenize({"messages": messages, "add_generation_prompt": True})
+
+    def _tokenize(self, fields: dict) -> list[int]:
+        payload = {"model": self.server.model, **fields}
         try:
             body = self.server._post("/tokenize", payload)
         except FastServeError as exc:

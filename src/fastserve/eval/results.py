@@ -5,7 +5,9 @@
     results = load_results("results.json")                      # DataError unless ours
 
 The schema is documented in docs/formats.md ("Evaluation results"). `format: "fastserve-eval"`
-and `format_version` identify it; a reader refuses other formats and other versions. The model
+and `format_version` identify it; a reader refuses other formats and other versions. Additions
+that an older reader can ignore keep the version (the tasks list, generative tasks' entries and
+`settings.generation`); files without them read as before. The model
 dir hash is the sha256 of the lines "<sha256 of file>  <name>\\n" over the dir's non-hidden
 regular files in sorted name order (what `sha256sum * | sha256sum` prints in the dir, with C
 sorting). Knows nothing about how the numbers are computed.
@@ -113,6 +115,7 @@ def new_results(
         "ref": ref,
         "datasets": [],
         "tasks": [],
+        "speed": None,
     }
 
 
@@ -140,6 +143,7 @@ def load_results(path: str | Path) -> dict[str, Any]:
     if not isinstance(results.get("datasets"), list):
         raise DataError(f"{path} has no datasets list.")
     results.setdefault("tasks", [])  # files written before tasks existed
+    results.setdefault("speed", None)  # ... and before --speed
     if not isinstance(results["tasks"], list):
         raise DataError(f"{path} has a tasks entry that is not a list.")
     return results

@@ -3,10 +3,11 @@
     console.print(*results_tables(results))
     console.print(*compare_tables([a, b, c], labels=["a.json", "b.json", "c.json"]))
 
-Rows of a comparison pair datasets by their sha256 and number of scored tokens (the same data,
-the same --limit), tasks by name, data sha256, number of docs and shots; a dataset or task the
-first result lacks gets no deltas. Knows only the results
-schema (results.py), nothing about models.
+Log-likelihood tasks (acc, acc_norm, cloze perplexity) and generative tasks (exact match, BLEU,
+chrF, ROUGE-L) get a table each. Rows of a comparison pair datasets by their sha256 and number of
+scored tokens (the same data, the same --limit), tasks by name, data sha256, number of docs and
+shots; a dataset or task the first result lacks gets no deltas. Knows only the results schema
+(results.py), nothing about models.
 """
 
 from __future__ import annotations
@@ -17,14 +18,32 @@ from rich import box
 from rich.table import Table
 
 __all__ = [
+    "compare_gen_table",
     "compare_table",
     "compare_tables",
     "compare_tasks_table",
+    "gen_tasks_table",
     "results_tables",
     "tasks_table",
 ]
 
 _KLD_ROWS = ("max", "p99_9", "p99", "p95", "p90", "median")
+GENERATE_UNTIL = "generate_until"
+# the generative metrics: (results key, column); exact_match is a fraction (shown as %), the
+# others are on sacrebleu's 0-100 scale
+_GEN_COLUMNS = (("exact_match", "EM %"), ("bleu", "BLEU"), ("chrf", "chrF"), ("rouge_l", "ROUGE-L"))
+
+
+def _is_gen(task: dict[str, Any]) -> bool:
+    return task.get("output_type") == GENERATE_UNTIL
+
+
+def _ll_tasks(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return [t for t in results.get("tasks", []) if not _is_gen(t)]
+
+
+def _gen_tasks(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return [t for t in results.get("tasks", []) if _is_gen(t)]
 
 
 def _table(title: str) -> Table:
@@ -70,17 +89,22 @@ def _ppl(value: float | None, err: float | None) -> str:
     return f"{value:.3e}" + ("" if err is None else f" ± {err:.2e}")
 
 
+def _task_name(t: dict[str, Any]) -> str:
+    shots = f" ({t['num_fewshot']}-shot)" if t["num_fewshot"] else ""
+    return t["name"] + shots + (" (cut)" if t["truncated"] else "")
+
+
 def tasks_table(results: dict[str, Any], title: str) -> Table:
-    """A row per task: acc and acc_norm (%, ± stderr), the cloze perplexity, docs/s."""
+    """A row per log-likelihood task: acc and acc_norm (%, ± stderr), the cloze perplexity,
+    docs/s."""
     table = _table(title)
     table.add_column("task", overflow="fold", min_width=8)
     for col in ("docs", "acc %", "acc_norm %", "PPL", "docs/s"):
         table.add_column(col, justify="right", no_wrap=True)
-    for t in results.get("tasks", []):
+    for t in _ll_tasks(results):
         m = t["metrics"]
-        shots = f" ({t['num_fewshot']}-shot)" if t["num_fewshot"] else ""
         table.add_row(
-            t["name"] + shots + (" (cut)" if t["truncated"] else ""),
+            _task_name(t),
             f"{t['num_docs']:,}",
             _pct(m["acc"], m["acc_stderr"]),
             _pct(m.get("acc_norm"), m.get("acc_norm_stderr")),
@@ -90,12 +114,46 @@ def tasks_table(results: dict[str, Any], title: str) -> Table:
     return table
 
 
+def gen_tasks_table(results: dict[str, Any], title: str) -> Table:
+    """A row per generative task: exact match (%), BLEU, chrF, ROUGE-L (0-100), each ± its
+    stderr ("-" for a metric the task does not compute), generated tokens per second."""
+    table = _table(title)
+    table.add_column("task", overflow="fold", min_width=8)
+    for col in ("docs", *(c for _, c in _GEN_COLUMNS), "gen tok/s"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for t in _gen_tasks(results):
+        m = t["metrics"]
+        em = _pct(m.get("exact_match"), m.get("exact_match_stderr"))
+        scores = [_pm(m.get(k), m.get(f"{k}_stderr"), 2) for k, _ in _GEN_COLUMNS[1:]]
+        rate = f"{t['generated_tokens_per_s']:,.0f}"
+        table.add_row(_task_name(t), f"{t['num_docs']:,}", em, *scores, rate)
+    return table
+
+
+def _task_tables(results: dict[str, Any], title: str | None) -> list[Table]:
+    """The log-likelihood and the generative tasks tables (those with rows); `title` (None:
+    "tasks" / "generative tasks") goes to the first."""
+    tables = []
+    if _ll_tasks(results):
+        tables.append(tasks_table(results, title or "tasks"))
+    if _gen_tasks(results):
+        gen_title = title if not tables and title else "generative tasks"
+        tables.append(gen_tasks_table(results, gen_title))
+    return tables
+
+
 def results_tables(results: dict[str, Any]) -> list[Table]:
-    """The perplexity table (a row per dataset), when a reference was evaluated the fidelity
-    table (a row per statistic, a column per dataset, as llama.cpp prints them), and the tasks
-    table; each only when it has rows."""
+    """The speed table (--speed), the perplexity table (a row per dataset), when a reference was
+    evaluated the fidelity table (a row per statistic, a column per dataset, as llama.cpp prints
+    them), and the tasks tables (log-likelihood, generative); each only when it has rows."""
+    speed = []
+    if results.get("speed"):
+        from fastserve.eval.speed import speed_table
+
+        speed = [speed_table(results["speed"])]
     if not results["datasets"]:
-        return [tasks_table(results, _title(results))]
+        tasks = _task_tables(results, _title(results))
+        return speed + tasks if speed or tasks else [tasks_table(results, _title(results))]
     ppl = _table(_title(results))
     ppl.add_column("dataset", overflow="fold", min_width=8)
     for col in ("tokens", "bytes", "PPL", "bits/byte", "tok/s"):
@@ -131,9 +189,7 @@ def results_tables(results: dict[str, Any]) -> list[Table]:
         for name, cell in rows:
             fid.add_row(name, *[cell(f) for f in stats])
         tables.append(fid)
-    if results.get("tasks"):
-        tables.append(tasks_table(results, "tasks"))
-    return tables
+    return speed + tables + _task_tables(results, None)
 
 
 def _short(path: str) -> str:
@@ -184,9 +240,13 @@ def compare_table(results: list[dict[str, Any]], labels: list[str]) -> Table:
 
 
 def _delta_points(value: float | None, base: float | None) -> str:
+    return _delta(value, base, 100.0)
+
+
+def _delta(value: float | None, base: float | None, scale: float = 1.0) -> str:
     if value is None or base is None:
         return "-"
-    return f"{100 * (value - base):+.2f}"
+    return f"{scale * (value - base):+.2f}"
 
 
 def compare_tasks_table(results: list[dict[str, Any]], labels: list[str]) -> Table:
@@ -199,9 +259,9 @@ def compare_tasks_table(results: list[dict[str, Any]], labels: list[str]) -> Tab
     for col in cols[2:]:
         table.add_column(col, justify="right", no_wrap=True, min_width=len(col))
     key = lambda t: (t["name"], t["sha256"], t["num_docs"], t["num_fewshot"])  # noqa: E731
-    base = {key(t): t["metrics"] for t in results[0].get("tasks", [])}
+    base = {key(t): t["metrics"] for t in _ll_tasks(results[0])}
     for label, r in zip(labels, results):
-        for t in r.get("tasks", []):
+        for t in _ll_tasks(r):
             m, b = t["metrics"], base.get(key(t), {})
             ppl = m.get("perplexity")
             table.add_row(
@@ -217,11 +277,78 @@ def compare_tasks_table(results: list[dict[str, Any]], labels: list[str]) -> Tab
     return table
 
 
+def compare_gen_table(results: list[dict[str, Any]], labels: list[str]) -> Table:
+    """One row per (result, generative task): each metric and its change against the first
+    result's same task (same name, data sha256, number of docs and shots); exact match in %
+    and points, BLEU / chrF / ROUGE-L on their 0-100 scale."""
+    table = _table(f"generative tasks compared against {labels[0]}")
+    for col in ("result", "task"):
+        table.add_column(col, overflow="fold", min_width=8)
+    for _, col in _GEN_COLUMNS:
+        for c in (col, f"Δ {col.removesuffix(' %')}"):
+            table.add_column(c, justify="right", no_wrap=True, min_width=len(c))
+    key = lambda t: (t["name"], t["sha256"], t["num_docs"], t["num_fewshot"])  # noqa: E731
+    base = {key(t): t["metrics"] for t in _gen_tasks(results[0])}
+    for label, r in zip(labels, results):
+        for t in _gen_tasks(r):
+            m, b = t["metrics"], base.get(key(t), {})
+            cells = []
+            for k, _ in _GEN_COLUMNS:
+                scale = 100.0 if k == "exact_match" else 1.0
+                value = m.get(k)
+                cells.append("-" if value is None else f"{scale * value:.2f}")
+                cells.append(_delta(value, b.get(k), scale))
+            table.add_row(label, t["name"], *cells)
+    return table
+
+
+def compare_speed_table(results: list[dict[str, Any]], labels: list[str]) -> Table:
+    """One row per (result with --speed, batch size): prefill and decode tokens/s with their
+    ratio to the first such result's same batch size, TTFT, weights and peak RSS."""
+    table = _table(f"speed compared against {labels[0]}")
+    table.add_column("result", overflow="fold", min_width=8)
+    cols = (
+        "batch",
+        "prefill tok/s",
+        "TTFT ms",
+        "decode tok/s",
+        "x decode",
+        "weights MiB",
+        "peak RSS MiB",
+    )
+    for col in cols:
+        table.add_column(col, justify="right", no_wrap=True)
+    timed = [(label, r["speed"]) for label, r in zip(labels, results) if r.get("speed")]
+    base = {b["batch_size"]: b for b in timed[0][1]["batches"]}
+    for label, sp in timed:
+        weights = (sp.get("weights") or {}).get("weights_bytes")
+        peak = (sp.get("memory") or {}).get("peak_rss_bytes")
+        for b in sp["batches"]:
+            ref = base.get(b["batch_size"], {}).get("decode_tokens_per_s")
+            rate = b["decode_tokens_per_s"]
+            table.add_row(
+                label,
+                str(b["batch_size"]),
+                "-" if b["prefill_tokens_per_s"] is None else f"{b['prefill_tokens_per_s']:,.0f}",
+                "-" if b["ttft_mean_s"] is None else f"{1e3 * b['ttft_mean_s']:,.1f}",
+                "-" if rate is None else f"{rate:,.1f}",
+                "-" if rate is None or not ref else f"{rate / ref:.2f}x",
+                "-" if weights is None else f"{weights / 2**20:,.2f}",
+                "-" if peak is None else f"{peak / 2**20:,.0f}",
+            )
+    return table
+
+
 def compare_tables(results: list[dict[str, Any]], labels: list[str]) -> list[Table]:
-    """The datasets comparison and the tasks comparison, each when some result has rows."""
+    """The datasets comparison, the tasks comparisons (log-likelihood, generative) and the speed
+    comparison, each when some result has rows."""
     tables = []
     if any(r["datasets"] for r in results):
         tables.append(compare_table(results, labels))
-    if any(r.get("tasks") for r in results):
+    if any(_ll_tasks(r) for r in results):
         tables.append(compare_tasks_table(results, labels))
+    if any(_gen_tasks(r) for r in results):
+        tables.append(compare_gen_table(results, labels))
+    if any(r.get("speed") for r in results):
+        tables.append(compare_speed_table(results, labels))
     return tables or [compare_table(results, labels)]

@@ -1,4 +1,5 @@
-"""YAML task files: a user's own log-likelihood task over a local jsonl, with lm-eval's keys.
+"""YAML task files: a user's own log-likelihood or generative task over a local jsonl, with
+lm-eval's keys.
 
     # my_task.yaml                                    (docs/eval.md, "YAML task files")
     task: my_task
@@ -10,16 +11,24 @@
     num_fewshot: 2
     fewshot_seed: 1234
 
+    output_type: generate_until          # a generative task (generative.py)
+    doc_to_target: answer                # the reference(s): a string, or a list of strings
+    generation_kwargs: {until: ["\n"], max_gen_toks: 32}
+    metric_list: [{metric: exact_match, ignore_case: true}, {metric: bleu}]
+
 Values follow lm-eval's `ConfigurableTask`: a value naming a field of the row is that field,
 anything else is a Jinja template rendered with the row's fields (a sandboxed environment, an
 undefined name is an error); a choices template renders a Python list literal; a target that
 renders as digits is an index. An unknown key, a missing required one or a row the templates
-cannot render is a DataError naming the file (and the row). Knows nothing about models.
+cannot render is a DataError naming the file (and the row). A generate_until target that
+renders a list literal ("[...]") is a list of references, as in lm-eval. Knows nothing about
+models.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +37,12 @@ import yaml
 from fastserve.errors import DataError
 from fastserve.eval.tasks import (
     DEFAULT_FEWSHOT_SEED,
+    GENERATE_UNTIL,
     LOGLIKELIHOOD,
     MULTIPLE_CHOICE,
     OUTPUT_TYPES,
     Doc,
+    GenDoc,
     Task,
     files_sha256,
     read_jsonl,
@@ -43,17 +54,20 @@ __all__ = ["TASK_KEYS", "load_yaml_task"]
 TASK_KEYS: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "task": (str, None),  # the task's name (default: the file's stem)
     "data": (str, ...),  # jsonl of the docs, relative to the YAML file
-    "output_type": (str, MULTIPLE_CHOICE),  # multiple_choice or loglikelihood
+    "output_type": (str, MULTIPLE_CHOICE),  # multiple_choice, loglikelihood or generate_until
     "doc_to_text": (str, ...),  # the doc's context
     "doc_to_choice": ((str, list), None),  # multiple_choice: the choices
-    "doc_to_target": ((str, int), ...),  # the gold choice, or the cloze target
+    "doc_to_target": ((str, int), ...),  # the gold choice, the cloze target, the reference(s)
     "target_delimiter": (str, " "),
     "fewshot_delimiter": (str, "\n\n"),
     "description": (str, ""),
     "num_fewshot": (int, 0),
     "fewshot_seed": (int, DEFAULT_FEWSHOT_SEED),
     "fewshot_data": (str, None),  # jsonl of the few-shot examples (default: the docs, minus each)
+    "generation_kwargs": (dict, None),  # generate_until: until, max_gen_toks, do_sample, ...
+    "metric_list": (list, None),  # generate_until: exact_match, bleu, chrf, rouge_l (default all)
 }
+_GENERATIVE_ONLY = ("generation_kwargs", "metric_list")
 
 
 class _Renderer:
@@ -112,6 +126,17 @@ def _check_keys(config: Any, path: Path) -> dict[str, Any]:
         raise DataError(f"task file {path}: a multiple_choice task needs doc_to_choice.")
     if out["num_fewshot"] < 0:
         raise DataError(f"task file {path}: num_fewshot must be >= 0.")
+    generative = out["output_type"] == GENERATE_UNTIL
+    if generative and out["doc_to_choice"] is not None:
+        raise DataError(f"task file {path}: a generate_until task takes no doc_to_choice.")
+    if generative and isinstance(out["doc_to_target"], int):
+        raise DataError(
+            f"task file {path}: a generate_until task's doc_to_target is a field or a template "
+            "giving the reference(s)."
+        )
+    for key in _GENERATIVE_ONLY:
+        if out[key] is not None and not generative:
+            raise DataError(f"task file {path}: {key} is for output_type generate_until.")
     return out
 
 
@@ -150,12 +175,39 @@ def _doc(c: dict, row: dict, r: _Renderer, line: str) -> Doc:
     return Doc(text, choices, target)
 
 
-def _docs(c: dict, path: Path, r: _Renderer) -> list[Doc]:
+def _references(c: dict, row: dict, r: _Renderer, line: str) -> tuple[str, ...]:
+    """A generate_until doc's references: a string, a list, or a template rendering either."""
+    spec = c["doc_to_target"]
+    value = r.render(spec, row, line)
+    if spec not in row and isinstance(value, str) and value[:1] == "[" and value[-1:] == "]":
+        # lm-eval: a string that only looks like a list stays the string
+        with contextlib.suppress(ValueError, SyntaxError):
+            value = ast.literal_eval(value)
+    values = value if isinstance(value, list | tuple) else [value]
+    scalar = lambda v: isinstance(v, str | int | float) and not isinstance(v, bool)  # noqa: E731
+    ok = values and all(scalar(v) for v in values)
+    if not ok:
+        raise DataError(
+            f"{line}: doc_to_target must give a reference or a list of them, got {value!r:.60}."
+        )
+    return tuple(str(v) for v in values)
+
+
+def _gen_doc(c: dict, row: dict, r: _Renderer, line: str) -> GenDoc:
+    text = str(r.render(c["doc_to_text"], row, line))
+    doc_id = row.get("id")
+    doc_id = doc_id if isinstance(doc_id, str | int) and not isinstance(doc_id, bool) else None
+    return GenDoc(text, None, _references(c, row, r, line), doc_id)
+
+
+def _docs(c: dict, path: Path, r: _Renderer) -> list:
     rows = read_jsonl(path, f"task file {r.where}")
-    return [_doc(c, row, r, f"{path}:{i}") for i, row in enumerate(rows, 1)]
+    build = _gen_doc if c["output_type"] == GENERATE_UNTIL else _doc
+    return [build(c, row, r, f"{path}:{i}") for i, row in enumerate(rows, 1)]
 
 
-def load_yaml_task(path: Path) -> Task:
+def load_yaml_task(path: Path):
+    """The task of a YAML file: a Task, or a GenTask for output_type generate_until."""
     if not path.is_file():
         raise DataError(f"no such task file: {path}")
     try:
@@ -172,12 +224,36 @@ def load_yaml_task(path: Path) -> Task:
         fewshot_path = path.parent / c["fewshot_data"]
         fewshot = _docs(c, fewshot_path, r)
         files.append(fewshot_path)
+    if c["output_type"] == GENERATE_UNTIL:
+        return _gen_task(c, path, docs, fewshot, files)
     return Task(
         name=c["task"] or path.stem,
         output_type=c["output_type"],
         source=str(path),
         sha256=files_sha256(files),
         docs=docs,
+        fewshot_docs=fewshot,
+        num_fewshot=c["num_fewshot"],
+        fewshot_seed=c["fewshot_seed"],
+        target_delimiter=c["target_delimiter"],
+        fewshot_delimiter=c["fewshot_delimiter"],
+        description=c["description"],
+    )
+
+
+def _gen_task(c: dict, path: Path, docs: list, fewshot: list | None, files: list[Path]):
+    from fastserve.eval.gen_metrics import DEFAULT_METRICS, parse_metric_list
+    from fastserve.eval.generative import GenTask, check_gen_kwargs
+
+    where = f"task file {path}"
+    kwargs, metric_list = c["generation_kwargs"], c["metric_list"]
+    return GenTask(
+        name=c["task"] or path.stem,
+        source=str(path),
+        sha256=files_sha256(files),
+        docs=docs,
+        generation_kwargs={} if kwargs is None else check_gen_kwargs(kwargs, where, DataError),
+        metrics=DEFAULT_METRICS if metric_list is None else parse_metric_list(metric_list, where),
         fewshot_docs=fewshot,
         num_fewshot=c["num_fewshot"],
         fewshot_seed=c["fewshot_seed"],

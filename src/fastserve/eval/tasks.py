@@ -1,5 +1,8 @@
 """Log-likelihood tasks: their documents, as lm-evaluation-harness builds them, and where they
-come from (the built-ins piqa and lambada, ARC / HellaSwag jsonl files, YAML task files).
+come from (the built-ins piqa and lambada, ARC / HellaSwag jsonl files, YAML task files); and
+the documents of generative tasks (`GenDoc`, from jsonl rows {prompt | messages, reference |
+references} recognised by those keys, or YAML files with `output_type: generate_until`;
+generative.py defines the task itself).
 
     task = load_task("piqa", task_data="../shared/data")       # or "lambada", "x.jsonl", "t.yaml"
     for context, continuations in task.requests(limit=100):   # strings, one pair per choice
@@ -29,14 +32,28 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fastserve.errors import DataError
 
-__all__ = ["BUILTIN_TASKS", "Doc", "Task", "load_task", "read_jsonl"]
+__all__ = [
+    "BUILTIN_TASKS",
+    "Doc",
+    "GenDoc",
+    "Task",
+    "draw_fewshot",
+    "gen_doc",
+    "load_task",
+    "read_jsonl",
+]
 
 MULTIPLE_CHOICE = "multiple_choice"
 LOGLIKELIHOOD = "loglikelihood"  # lm-eval's name for cloze tasks (one target per doc)
-OUTPUT_TYPES = (MULTIPLE_CHOICE, LOGLIKELIHOOD)
+GENERATE_UNTIL = "generate_until"  # lm-eval's name for generative tasks (generative.py)
+OUTPUT_TYPES = (MULTIPLE_CHOICE, LOGLIKELIHOOD, GENERATE_UNTIL)
+# the keys that make a jsonl row generative (generative.py: prompt | messages, reference(s))
+GENERATIVE_KEYS = frozenset({"prompt", "messages", "reference", "references"})
+Message = dict[str, str]  # {"role": ..., "content": ...}
 DEFAULT_FEWSHOT_SEED = 1234  # lm-eval's default --fewshot_seed
 
 
@@ -69,18 +86,13 @@ class Task:
     def requests(self, limit: int | None = None) -> list[tuple[str, list[str]]]:
         """(context, continuations) of the first `limit` docs (all when None), in order."""
         docs = self.docs if limit is None else self.docs[:limit]
-        pool = len(self.docs) - 1 if self.fewshot_docs is None else len(self.fewshot_docs)
-        if not 0 <= self.num_fewshot <= pool:
-            raise DataError(
-                f"task {self.name}: num_fewshot {self.num_fewshot} needs that many examples, "
-                f"it has {pool}."
-            )
+        check_fewshot_pool(self.name, self.num_fewshot, self.docs, self.fewshot_docs)
         rng = random.Random(self.fewshot_seed)
         out = []
         for doc in docs:
             context = self.description
             if self.num_fewshot:
-                examples = self._fewshot_examples(doc, rng)
+                examples = draw_fewshot(self.docs, self.fewshot_docs, self.num_fewshot, rng, doc)
                 context += "".join(
                     ex.text + self.target_delimiter + ex.choices[ex.gold] + self.fewshot_delimiter
                     for ex in examples
@@ -88,11 +100,28 @@ class Task:
             out.append((context + doc.text, self.continuations(doc)))
         return out
 
-    def _fewshot_examples(self, doc: Doc, rng: random.Random) -> list[Doc]:
-        if self.fewshot_docs is not None:
-            return rng.sample(self.fewshot_docs, self.num_fewshot)
-        drawn = rng.sample(self.docs, self.num_fewshot + 1)
-        return [d for d in drawn if d is not doc][: self.num_fewshot]
+
+def check_fewshot_pool(name: str, k: int, docs: list, fewshot_docs: list | None) -> None:
+    """DataError unless k examples can be drawn (from fewshot_docs, else docs minus one)."""
+    pool = len(docs) - 1 if fewshot_docs is None else len(fewshot_docs)
+    if not 0 <= k <= pool:
+        raise DataError(f"task {name}: num_fewshot {k} needs that many examples, it has {pool}.")
+
+
+def draw_fewshot(docs: list, fewshot_docs: list | None, k: int, rng: random.Random, doc) -> list:
+    """The k examples of `doc`: from fewshot_docs, else k + 1 of docs with the doc dropped."""
+    if fewshot_docs is not None:
+        return rng.sample(fewshot_docs, k)
+    drawn = rng.sample(docs, k + 1)
+    return [d for d in drawn if d is not doc][:k]
+
+
+@dataclass(frozen=True)
+class GenDoc:
+    text: str | None  # the doc's own prompt (doc_to_text), before the few-shot examples
+    messages: tuple[Message, ...] | None  # a chat row's messages (then text is None)
+    references: tuple[str, ...]  # at least one; few-shot examples show the first
+    doc_id: str | int | None = None  # the row's "id", kept in logged samples
 
 
 # ---- files ---------------------------------------------------------------------------------------
@@ -130,6 +159,67 @@ def _field(row: dict, key: str, kind: type, where: str):
     if not isinstance(value, kind) or isinstance(value, bool):
         raise DataError(f"{where}: field {key!r} must be a {kind.__name__}, got {value!r:.60}.")
     return value
+
+
+# ---- generative jsonl rows ------------------------------------------------------------------
+
+
+def _messages(value: Any, where: str) -> tuple[Message, ...]:
+    ok = isinstance(value, list) and value
+    ok = ok and all(
+        isinstance(m, dict)
+        and isinstance(m.get("role"), str)
+        and isinstance(m.get("content"), str)
+        and set(m) <= {"role", "content", "name"}
+        for m in value
+    )
+    if not ok:
+        raise DataError(
+            f"{where}: field 'messages' must be a non-empty list of "
+            f'{{"role": str, "content": str}}, got {json.dumps(value)[:60]}.'
+        )
+    return tuple({"role": m["role"], "content": m["content"]} for m in value)
+
+
+def _references(row: dict, where: str) -> tuple[str, ...]:
+    if ("reference" in row) == ("references" in row):
+        raise DataError(
+            f"{where}: a generative row needs exactly one of 'reference' (a string) or "
+            "'references' (a list of strings)."
+        )
+    if "reference" in row:
+        if not isinstance(row["reference"], str):
+            got = f"{row['reference']!r:.60}"
+            raise DataError(f"{where}: field 'reference' must be a string, got {got}.")
+        return (row["reference"],)
+    refs = row["references"]
+    if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
+        raise DataError(
+            f"{where}: field 'references' must be a non-empty list of strings, got {refs!r:.60}."
+        )
+    return tuple(refs)
+
+
+def gen_doc(row: dict, where: str) -> GenDoc:
+    """One jsonl row -> GenDoc; DataError naming the row and the field."""
+    if ("prompt" in row) == ("messages" in row):
+        raise DataError(
+            f"{where}: a generative row needs exactly one of 'prompt' (a string) or 'messages' "
+            f"(a list of {{role, content}}); it has keys {', '.join(sorted(row))}."
+        )
+    text, messages = None, None
+    if "prompt" in row:
+        text = row["prompt"]
+        if not isinstance(text, str) or not text:
+            raise DataError(
+                f"{where}: field 'prompt' must be a non-empty string, got {text!r:.60}."
+            )
+    else:
+        messages = _messages(row["messages"], where)
+    doc_id = row.get("id")
+    if doc_id is not None and (not isinstance(doc_id, str | int) or isinstance(doc_id, bool)):
+        raise DataError(f"{where}: field 'id' must be a string or an integer, got {doc_id!r:.60}.")
+    return GenDoc(text, messages, _references(row, where), doc_id)
 
 
 # ---- built-ins -----------------------------------------------------------------------------------
@@ -227,22 +317,28 @@ _JSONL_SHAPES = {
 }
 
 
-def _jsonl_task(path: Path) -> Task:
+def _jsonl_task(path: Path):
     rows = read_jsonl(path, "task file")
+    if GENERATIVE_KEYS & rows[0].keys():
+        from fastserve.eval.generative import gen_jsonl_task
+
+        return gen_jsonl_task(path, rows)
     shape = next((s for s, (keys, _) in _JSONL_SHAPES.items() if keys <= rows[0].keys()), None)
     if shape is None:
         known = "; ".join(f"{s}: {', '.join(sorted(k))}" for s, (k, _) in _JSONL_SHAPES.items())
         raise DataError(
             f"{path}: rows of an unknown shape (keys {', '.join(sorted(rows[0]))}); a jsonl "
-            f"task is ARC- or HellaSwag-shaped ({known}), or write a YAML task file."
+            f"task is ARC- or HellaSwag-shaped ({known}), generative (prompt or messages, with "
+            "reference or references), or write a YAML task file."
         )
     build = _JSONL_SHAPES[shape][1]
     docs = [build(row, f"{path}:{i}") for i, row in enumerate(rows, 1)]
     return Task(path.stem, MULTIPLE_CHOICE, str(path), files_sha256([path]), docs)
 
 
-def load_task(spec: str, task_data: str | Path | None = None) -> Task:
-    """A built-in name, a .jsonl (ARC / HellaSwag rows) or a .yaml / .yml task file."""
+def load_task(spec: str, task_data: str | Path | None = None):
+    """A built-in name, a .jsonl (ARC / HellaSwag rows -> Task, generative rows -> GenTask) or
+    a .yaml / .yml task file (output_type generate_until -> GenTask, else Task)."""
     if spec in BUILTIN_TASKS:
         return BUILTIN_TASKS[spec](task_data)
     path = Path(spec).expanduser()
@@ -254,5 +350,5 @@ def load_task(spec: str, task_data: str | Path | None = None) -> Task:
         return _jsonl_task(path)
     raise DataError(
         f"unknown task {spec!r}: give a built-in ({', '.join(BUILTIN_TASKS)}), a .jsonl file "
-        "(ARC / HellaSwag rows) or a .yaml task file."
+        "(ARC / HellaSwag rows, or generative rows) or a .yaml task file."
     )
