@@ -3,6 +3,7 @@
     python benchmarks/bench_quant.py --model runs/sh/model --data runs/sh-data
     python benchmarks/bench_quant.py --train-data runs/sh-data --train-steps 2000   # trains first
     python benchmarks/bench_quant.py --model M --data D --speed --speed-preset base
+    python benchmarks/bench_quant.py --model M --data D --eval-data wiki.test.raw  # fastserve eval
 
 Rows: fp32, bf16, w8a16, w8a8, w4a16 (RTN), w4a16-gptq, w4a16-awq, w3a16-gptq. Quality columns,
 on the val split of --data (non-overlapping windows of --block-size, the first --eval-tokens
@@ -12,6 +13,12 @@ tokens), against the fp32 model on the same windows, computed by fastserve.eval:
   KL mean / KL p99   per-token KL(p_fp32 || p_row) in nats (llama.cpp's statistics)
   top-1      share of positions where the row's most likely token is fp32's
   quant s    wall time of compress() (calibration on the train split of --data)
+With --eval-data FILE the quality columns come instead from fastserve.eval's evaluate() on each
+saved dir with ref = the fp32 dir, the numbers `fastserve eval DIR --ref FP32 --data FILE
+--context-len B --stride S` prints (B = --block-size; S = --stride, default B / 2 as in
+`fastserve eval`): sliding windows over the whole file or its first --eval-limit tokens; the
+table adds ln(PPL ratio) +- its standard error and the KL median, p95, p99.9 and max, and each
+row's results JSON is kept in the work dir (work/eval/ROW.json, for `fastserve eval compare`).
 With --seeds N the calibrated rows (GPTQ, AWQ, W8A8's SmoothQuant) are compressed N times with
 different calibration windows and show means; a second table gives each seed's perplexity increase
 and mean KL as a share of RTN's (w4a16), since at these sizes a single perplexity change is noisy.
@@ -30,21 +37,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+from bench_common import decode_rates, dir_bytes, round_up  # benchmarks/ is on sys.path
+
 ROWS = ["fp32", "bf16", "w8a16", "w8a8", "w4a16", "w4a16-gptq", "w4a16-awq", "w3a16-gptq"]
 SPEED_FORMAT = {"w4a16-gptq": "w4a16", "w4a16-awq": "w4a16", "w3a16-gptq": "w3a16"}
-
-
-def dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def train_model(data: str, out: Path, steps: int, preset: str) -> Path:
@@ -53,7 +53,7 @@ def train_model(data: str, out: Path, steps: int, preset: str) -> Path:
     from fastserve.train.config import TrainConfig
 
     # The int4 presets use groups of 128 input columns: round the MLP width up to fit them.
-    inter = _round_up(ModelConfig.preset(preset).intermediate_size, 128)
+    inter = round_up(ModelConfig.preset(preset).intermediate_size, 128)
     cfg = TrainConfig(
         data_dir=data,
         out_dir=str(out),
@@ -84,18 +84,46 @@ def quality(model, data, block_size: int, ref_model=None) -> dict:
     return out
 
 
-@torch.no_grad()
+def file_quality(target: Path, ref: Path | None, args, save: Path | None = None) -> dict:
+    """fastserve.eval.evaluate() of the model dir `target` on --eval-data against the dir `ref`
+    (None: perplexity only), with the sliding windows of `fastserve eval`; `save`: the results
+    JSON goes there."""
+    from fastserve.eval import evaluate
+    from fastserve.eval.results import write_results
+
+    stride = args.stride or max(1, args.block_size // 2)
+    r = evaluate(
+        target,
+        ref=ref,
+        data=[args.eval_data],
+        context_len=args.block_size,
+        stride=stride,
+        limit=args.eval_limit,
+    )
+    if save is not None:
+        save.parent.mkdir(parents=True, exist_ok=True)
+        write_results(save, r)
+    d = r["datasets"][0]
+    out = {"ppl": d["perplexity"]["ppl"], "num_tokens": d["num_tokens"], "stride": stride}
+    f = d["fidelity"]
+    if f is not None:
+        out.update(
+            ln_ratio=f["ln_ppl_ratio"],
+            ln_ratio_se=f["ln_ppl_ratio_stderr"] or 0.0,
+            kl_mean=f["kld_mean"],
+            kl_median=f["kld_median"],
+            kl_p95=f["kld_p95"],
+            kl_p99=f["kld_p99"],
+            kl_p99_9=f["kld_p99_9"],
+            kl_max=f["kld_max"],
+            top1=f["same_top_pct"] / 100,
+        )
+    return out
+
+
 def decode_tok_s(model, batch: int, steps: int, vocab: int) -> float:
-    prompt = torch.randint(0, vocab, (batch, 32), generator=torch.Generator().manual_seed(0))
-    best = 0.0
-    for _ in range(2):  # the first run warms kernel caches (int4 weight layout) up
-        cache = model.new_cache(batch, 32 + steps)
-        nxt = model(prompt, cache)[:, -1:].argmax(-1)
-        start = time.perf_counter()
-        for _ in range(steps):
-            nxt = model(nxt, cache)[:, -1:].argmax(-1)
-        best = max(best, batch * steps / (time.perf_counter() - start))
-    return best
+    # Best of 2: the first run warms kernel caches (int4 weight layout) up.
+    return max(decode_rates(model, batch, steps, vocab, runs=2))
 
 
 def speed_rows(
@@ -105,7 +133,7 @@ def speed_rows(
     from fastserve.compress.recipe import Recipe
     from fastserve.model import LlamaForCausalLM, ModelConfig
 
-    inter = _round_up(ModelConfig.preset(preset).intermediate_size, 128)  # groups of 128 fit
+    inter = round_up(ModelConfig.preset(preset).intermediate_size, 128)  # groups of 128 fit
     config = ModelConfig.preset(preset, max_position_embeddings=512, intermediate_size=inter)
     recipes = {
         "w8a16": Recipe.preset("w8a16"),
@@ -149,6 +177,21 @@ def main() -> None:
     )
     p.add_argument("--block-size", type=int, default=256, help="eval window tokens (256)")
     p.add_argument("--eval-tokens", type=int, default=65536, help="val tokens evaluated (65536)")
+    p.add_argument(
+        "--eval-data",
+        default=None,
+        help="evaluate on this text file (or dir, or shard dir) with fastserve.eval's evaluate() "
+        "against the fp32 dir, instead of the first --eval-tokens of --data's val split",
+    )
+    p.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="--eval-data: new tokens scored per window (block-size / 2, as fastserve eval)",
+    )
+    p.add_argument(
+        "--eval-limit", type=int, default=None, help="--eval-data: first N tokens only (all)"
+    )
     p.add_argument("--speed", action="store_true", help="also measure decode tokens/s")
     p.add_argument("--speed-preset", default="base", help="random-init speed model (base)")
     p.add_argument("--decode-steps", type=int, default=32, help="timed decode steps (32)")
@@ -180,17 +223,27 @@ def main() -> None:
         )
     rows = args.rows.split(",")
 
-    val = eval_data(data, model_dir, args.eval_tokens)
-    fp32 = load_model(model_dir, dtype=torch.float32)
-    ref = quality(fp32, val, args.block_size)
-    table: dict[str, dict] = {"fp32": {"bytes": dir_bytes(model_dir), "ppl": ref["ppl"]}}
+    if args.eval_data is None:
+        val = eval_data(data, model_dir, args.eval_tokens)
+        fp32 = load_model(model_dir, dtype=torch.float32)
+        ref = quality(fp32, val, args.block_size)
+
+        def measure(out: Path, name: str) -> dict:
+            return quality(load_model(out), val, args.block_size, fp32)
+    else:
+        ref = file_quality(model_dir, None, args, work / "eval" / "fp32.json")
+
+        def measure(out: Path, name: str) -> dict:
+            return file_quality(out, model_dir, args, work / "eval" / f"{name}.json")
+
+    table: dict[str, dict] = {"fp32": {"bytes": dir_bytes(model_dir), **ref}}
     for row in rows:
         if row == "fp32":
             continue
         if row == "bf16":
             save_model(load_model(model_dir, dtype=torch.bfloat16), work / "bf16")
             out = work / "bf16"
-            q = quality(load_model(out), val, args.block_size, fp32)
+            q = measure(out, row)
             table[row] = {"bytes": dir_bytes(out), "quant_s": None, **q}
             continue
         seq_len = min(args.seq_len, args.block_size * 2)
@@ -198,7 +251,7 @@ def main() -> None:
         runs = []
         for seed in seeds:
             res = compress(model_dir, row, data, work / row, args.num_samples, seq_len, seed=seed)
-            q = quality(load_model(work / row), val, args.block_size, fp32)
+            q = measure(work / row, row if len(seeds) == 1 else f"{row}-seed{seed}")
             runs.append({"quant_s": res.time_s, **q})
             print(f"{row} seed {seed}: ppl {q['ppl']:.3f}, KL {q['kl_mean']:.4f}", flush=True)
         table[row] = {"bytes": dir_bytes(work / row), "runs": runs}
@@ -206,32 +259,54 @@ def main() -> None:
 
     rest = getattr(torch, args.speed_dtype)
     speed = speed_rows(args.speed_preset, args.decode_steps, work, rest) if args.speed else {}
+    if args.eval_data is None:
+        where = f"{val.num_scored} val tokens in windows of {args.block_size}"
+    else:
+        where = (
+            f"{ref['num_tokens']} tokens of {args.eval_data} in windows of {args.block_size}, "
+            f"stride {ref['stride']} (fastserve.eval evaluate(), ref = fp32)"
+        )
     print(
-        f"\nmodel {model_dir}, {val.num_scored} val tokens in windows of {args.block_size}, "
+        f"\nmodel {model_dir}, {where}, "
         f"calibration {args.num_samples} x {args.seq_len} from {data}\n"
     )
-    head = "| row | bytes | val ppl | d ppl | KL mean | KL p99 | top-1 % | b1 tok/s | b16 tok/s "
-    print(head + "| quant s |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print_table(table, rows, speed, full=args.eval_data is not None)
+    ratio_rows = [r for r in rows if r.startswith("w4a16-") and "runs" in table[r]]
+    if "w4a16" in table and ratio_rows:
+        print_ratios(table, ratio_rows, "w4a16", table["fp32"]["ppl"])
+
+
+def print_table(table: dict, rows: list[str], speed: dict, full: bool) -> None:
+    """The markdown table; `full` (fastserve.eval's statistics on --eval-data) adds
+    ln(PPL ratio) +- stderr and the KL median, p95, p99.9 and max."""
+    kl_cols = ["KL mean", "KL p99"]
+    kl_keys = ["kl_mean", "kl_p99"]
+    extra = []
+    if full:
+        extra = ["ln(PPL ratio)"]
+        kl_cols = ["KL mean", "KL median", "KL p95", "KL p99", "KL p99.9", "KL max"]
+        kl_keys = ["kl_mean", "kl_median", "kl_p95", "kl_p99", "kl_p99_9", "kl_max"]
+    ppl = "ppl" if full else "val ppl"
+    cols = ["row", "bytes", ppl, "d ppl", *extra, *kl_cols, "top-1 %", "b1 tok/s", "b16 tok/s"]
+    cols.append("quant s")
+    print("| " + " | ".join(cols) + " |")
+    print("| --- |" + " ---: |" * (len(cols) - 1))
     base_ppl = table["fp32"]["ppl"]
     for row in ["fp32", *[r for r in rows if r != "fp32"]]:
         t = table[row]
         fmt = SPEED_FORMAT.get(row, row)
         b1, b16 = (f"{v:,.0f}" for v in speed[fmt]) if fmt in speed else ("-", "-")
-        kl = (
-            f"{t['kl_mean']:.4f} | {t['kl_p99']:.4f} | {100 * t['top1']:.2f}"
-            if "top1" in t
-            else "0 | 0 | 100"
-        )
+        if "top1" in t:
+            digits = 5 if full else 4  # the KL median of an 8-bit row is ~1e-5
+            kl = [f"{t[k]:.{digits}f}" for k in kl_keys] + [f"{100 * t['top1']:.2f}"]
+            ratio = [f"{t['ln_ratio']:+.5f} ± {t['ln_ratio_se']:.5f}"] if full else []
+        else:
+            kl = ["0"] * len(kl_keys) + ["100"]
+            ratio = ["0"] if full else []
         qs = f"{t['quant_s']:.1f}" if t.get("quant_s") is not None else "-"
         d_ppl = 100 * (t["ppl"] / base_ppl - 1)
-        print(
-            f"| {row} | {t['bytes']:,} | {t['ppl']:.3f} | {d_ppl:+.2f}% | {kl} "
-            f"| {b1} | {b16} | {qs} |"
-        )
-    ratio_rows = [r for r in rows if r.startswith("w4a16-") and "runs" in table[r]]
-    if "w4a16" in table and ratio_rows:
-        print_ratios(table, ratio_rows, "w4a16", base_ppl)
+        cells = [row, f"{t['bytes']:,}", f"{t['ppl']:.3f}", f"{d_ppl:+.2f}%", *ratio, *kl]
+        print("| " + " | ".join([*cells, b1, b16, qs]) + " |")
 
 
 def print_ratios(table: dict, rows: list[str], rtn: str, base_ppl: float) -> None:

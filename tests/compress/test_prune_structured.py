@@ -238,3 +238,44 @@ def test_in_memory_model_matches_a_rebuilt_one(calib_file, compress_model_dir):
     }
     fresh.load_state_dict(state)
     torch.testing.assert_close(fresh(ids[:1]), model(ids[:1]), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_cli_compress_struct30_then_eval_and_generate(compress_model_dir, calib_file, tmp_path):
+    """The user's path: `fastserve compress --recipe struct30`, then `fastserve eval` and
+    `fastserve generate` on the smaller dir, as real processes."""
+    import os
+    import subprocess
+    import sys
+
+    def cli(*args):
+        env = {**os.environ, "COLUMNS": "200"}
+        cmd = [sys.executable, "-m", "fastserve", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+    out = tmp_path / "cli-struct30"
+    proc = cli(
+        *("compress", str(compress_model_dir), "--recipe", "struct30", "--calib", str(calib_file)),
+        *("--out", str(out), "--num-samples", "8", "--seq-len", "32"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    dense, pruned = load_model(compress_model_dir), load_model(out)
+    assert pruned.config.intermediate_size == CASES["struct30"][0]
+    assert f"{dense.num_parameters() / 1e6:.2f}M -> {pruned.num_parameters() / 1e6:.2f}M" in (
+        proc.stdout
+    )
+
+    results = tmp_path / "struct30.json"
+    proc = cli(
+        *("eval", str(out), "--ref", str(compress_model_dir), "--data", str(calib_file)),
+        *("--context-len", "64", "--stride", "64", "--output", str(results)),
+    )
+    assert proc.returncode == 0, proc.stderr
+    entry = json.loads(results.read_text())["datasets"][0]
+    assert entry["fidelity"]["kld_mean"] > 0  # a smaller model is not the same model
+    assert entry["perplexity"]["ppl"] > 1
+
+    proc = cli("generate", "--model", str(out), "--prompt", "the cat", "--max-new-tokens", "5")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("the cat")
