@@ -166,13 +166,22 @@ def apply_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
 
 def token_logprobs(logits: Tensor, token_ids: Tensor, k: int) -> list[list[TokenLogprob]]:
     """Per row of logits [T, V]: (token_ids[t], logprob, rank) then the top-k triples, from
-    log_softmax(logits) in float32. rank = #tokens with logprob >= the token's (1 = best)."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    token_ids = token_ids.to(logprobs.device).long()
-    chosen = logprobs.gather(1, token_ids.unsqueeze(1))
-    ranks = (logprobs >= chosen).sum(dim=-1)
-    k = min(k, logprobs.shape[1])
-    top_vals, top_ids = logprobs.topk(k, dim=-1) if k > 0 else (None, None)
+    log-softmax of the logits in float32. rank = #tokens with logprob >= the token's (1 = best)."""
+    # logprob = logit - logsumexp(row): the same order as the logits, so the rank and the top-k
+    # come from the logits, and no [T, V] log-softmax is written; k = 1 is a max, not a topk.
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    token_ids = token_ids.to(x.device).long()
+    chosen_logit = x.gather(1, token_ids.unsqueeze(1))
+    ranks = (x >= chosen_logit).sum(dim=-1)
+    chosen = chosen_logit - lse
+    k = min(k, x.shape[1])
+    if k == 1:
+        top_vals, top_ids = x.max(dim=-1, keepdim=True)
+    else:
+        top_vals, top_ids = x.topk(k, dim=-1) if k > 0 else (None, None)
+    if k > 0:
+        top_vals = top_vals - lse
     rows: list[list[TokenLogprob]] = []
     chosen_l, ranks_l, ids_l = chosen.squeeze(1).tolist(), ranks.tolist(), token_ids.tolist()
     tv = top_vals.tolist() if k > 0 else None
