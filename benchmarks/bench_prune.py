@@ -33,8 +33,8 @@ median of each), both float32 with the same prompt, steps and threads. --speed-p
 the same comparison on a random-initialised model of that preset (e.g. base: decode memory-bound).
 
 Encode rows (--encode): the `deep-compression` preset (prune -> quantize -> encode; skipped with
-a note when this checkout has no such preset), the same recipe at 50/60/70% sparsity with 3- and
-4-bit codebooks, and for comparison sparse50-sparsegpt (bitmask
+a note when this checkout has no such preset), the same recipe at 0 (k-means alone)/30/40/50/60/70%
+sparsity with 3- and 4-bit codebooks, and for comparison sparse50-sparsegpt (bitmask
 float), SparseGPT 2:4 then GPTQ w4a16 in one recipe, and w4a16-gptq alone: bytes of the dir's
 safetensors, the ratio fp32 bytes / bytes, and the quality columns.
 """
@@ -129,12 +129,11 @@ def encode_recipes() -> list[tuple[str, object]]:
     except ConfigError as e:
         out.append(("deep-compression", f"skipped: {e}"))
     # Deep Compression at other operating points: 15x vs fp32 needs ~2.1 bits per weight
-    for sparsity, bits in ((0.5, 3), (0.6, 4), (0.6, 3), (0.7, 3)):
-        mods = [
-            {"type": "SparseGPT", "sparsity": sparsity},
-            {"type": "KMeans", "bits": bits, "include_embeddings": True},
-        ]
-        name = f"sparsegpt{round(sparsity * 100)}-kmeans{bits}"
+    for sparsity, bits in ((0.0, 4), (0.3, 4), (0.4, 4), (0.5, 3), (0.6, 4), (0.6, 3), (0.7, 3)):
+        mods = [{"type": "KMeans", "bits": bits, "include_embeddings": True}]
+        if sparsity:
+            mods.insert(0, {"type": "SparseGPT", "sparsity": sparsity})
+        name = f"sparsegpt{round(sparsity * 100)}-kmeans{bits}" if sparsity else f"kmeans{bits}"
         out.append((name, Recipe.from_dict({"modifiers": mods}, name=name)))
     out.append(("sparse50-sparsegpt", Recipe.preset("sparse50-sparsegpt")))
     two_four = [

@@ -208,6 +208,7 @@ def main() -> None:
     from fastserve.compress import compress
     from fastserve.compress.compressor import needs_calibration
     from fastserve.compress.recipe import Recipe
+    from fastserve.data import Tokenizer
     from fastserve.model import load_model, save_model
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-quant-"))
@@ -241,7 +242,8 @@ def main() -> None:
         if row == "fp32":
             continue
         if row == "bf16":
-            save_model(load_model(model_dir, dtype=torch.bfloat16), work / "bf16")
+            tok = Tokenizer.load(model_dir)  # evaluate() reads the dir's tokenizer
+            save_model(load_model(model_dir, dtype=torch.bfloat16), work / "bf16", tokenizer=tok)
             out = work / "bf16"
             q = measure(out, row)
             table[row] = {"bytes": dir_bytes(out), "quant_s": None, **q}
