@@ -199,3 +199,22 @@ def test_generative_tasks_need_no_echo_and_server_errors_are_one_line(
     out = tmp_path / "r.json"
     argv = ["eval", no_echo_url, "--tasks", chat, "--tokenizer", model_dir]
     _fails(argv, f"POST {no_echo_url}/v1/chat/completions: HTTP 500: chat is broken", out, capsys)
+
+
+def test_url_speed_through_evaluate_and_the_table(served, text_file):
+    """`evaluate(URL, speed=...)`: the speed entry is timed over HTTP with the asked settings
+    (every request made exactly decode_tokens tokens), beside the perplexity of the same run."""
+    from fastserve.eval import evaluate
+    from fastserve.eval.tables import results_tables
+
+    _, url = served
+    speed = {"prompt_len": 8, "decode_tokens": 4, "batch_sizes": [1, 2], "repeats": 1}
+    r = evaluate(url, data=[str(text_file)], speed=speed, **WINDOW)
+    sp = r["speed"]
+    assert sp["kind"] == "server" and sp["settings"]["batch_sizes"] == [1, 2]
+    assert [b["batch_size"] for b in sp["batches"]] == [1, 2]
+    for b in sp["batches"]:
+        assert [n for run in b["runs"] for n in run["output_tokens"]] == [4] * b["batch_size"]
+        assert b["ttft_mean_s"] > 0 and b["decode_tokens_per_s"] > 0
+    assert sp["memory"] is None and r["datasets"][0]["perplexity"]["ppl"] > 1
+    assert len(results_tables(r)) == 2  # speed, then perplexity
