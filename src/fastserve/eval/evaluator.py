@@ -1,6 +1,6 @@
 """`evaluate()`: a model dir's perplexity and bits per byte on each dataset, and its fidelity
-to a reference model dir on the same tokens, its log-likelihood and generative tasks, as the
-results dict of results.py.
+to a reference model dir on the same tokens, its log-likelihood and generative tasks, and with
+`speed` its serving speed (speed.py), as the results dict of results.py.
 
     from fastserve.eval import evaluate
     r = evaluate("runs/small-w4", ref="runs/small/model", data=["runs/stdlib-data"])
