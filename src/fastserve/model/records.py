@@ -298,22 +298,21 @@ class SparseRecord:
         pass  # the bitmask decoder checked the parts and the N:M structure
 
 
-class _BitmaskDecoder:
-    """Collects each bitmask module's four parts (they may sit in different shards) and yields
-    `<name>.weight` once all have arrived."""
+class _PartsDecoder:
+    """Collects each module's stored parts (they may sit in different shards) and yields
+    `<name>.weight` once all have arrived; a subclass names the parts and decodes them."""
 
-    def __init__(self, record: dict[str, Any], path: Path) -> None:
+    parts: tuple[str, ...]
+    stored_as: str  # "as a bitmask": how a module's weight is stored, for the error message
+
+    def __init__(self, modules, path: Path) -> None:
         self.path = path
-        self.structures = {
-            n: parse_structure(m["structure"])
-            for n, m in record["modules"].items()
-            if m["format"] == BITMASK_FORMAT
-        }
-        self.pending: dict[str, dict[str, Tensor]] = {n: {} for n in self.structures}
+        self.modules = frozenset(modules)  # claimed even once decoded: a repeat is an error
+        self.pending: dict[str, dict[str, Tensor]] = {n: {} for n in modules}
 
     def _split(self, name: str) -> tuple[str, str] | None:
         module, _, part = name.rpartition(".")
-        if module in self.structures and (part in BITMASK_PARTS or part == "weight"):
+        if module in self.modules and (part in self.parts or part == "weight"):
             return module, part
         return None
 
@@ -324,14 +323,39 @@ class _BitmaskDecoder:
         module, part = self._split(name)
         if part == "weight":
             raise CheckpointError(
-                f"unexpected tensor {name!r} in {self.path}: the module is stored as a bitmask"
+                f"unexpected tensor {name!r} in {self.path}: the module is stored {self.stored_as}"
             )
         parts = self.pending.get(module)
         if parts is None or part in parts:
             raise CheckpointError(f"tensor {name!r} appears twice in {self.path}")
         parts[part] = tensor
-        if len(parts) < len(BITMASK_PARTS):
+        if len(parts) < len(self.parts):
             return []
+        weight = self._decode(module, parts)
+        del self.pending[module]
+        return [(f"{module}.weight", weight)]
+
+    def _decode(self, module: str, parts: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        for module, parts in self.pending.items():
+            missing = next(p for p in self.parts if p not in parts)
+            raise CheckpointError(f"tensor '{module}.{missing}' is missing from {self.path}")
+
+
+class _BitmaskDecoder(_PartsDecoder):
+    parts, stored_as = BITMASK_PARTS, "as a bitmask"
+
+    def __init__(self, record: dict[str, Any], path: Path) -> None:
+        self.structures = {
+            n: parse_structure(m["structure"])
+            for n, m in record["modules"].items()
+            if m["format"] == BITMASK_FORMAT
+        }
+        super().__init__(self.structures, path)
+
+    def _decode(self, module: str, parts: dict[str, Tensor]) -> Tensor:
         try:
             weight = bitmask_decompress(**parts)
         except ValueError as e:
@@ -342,13 +366,7 @@ class _BitmaskDecoder:
             raise CheckpointError(
                 f"sparse module {module!r} in {self.path} breaks its {n}:{m} structure"
             )
-        del self.pending[module]
-        return [(f"{module}.weight", weight)]
-
-    def finish(self) -> None:
-        for module, parts in self.pending.items():
-            missing = next(p for p in BITMASK_PARTS if p not in parts)
-            raise CheckpointError(f"tensor '{module}.{missing}' is missing from {self.path}")
+        return weight
 
 
 # ---- weight_sharing_config -----------------------------------------------------------------------
@@ -425,47 +443,18 @@ class ShareRecord:
         pass  # the decoder checked every part
 
 
-class _SharedDecoder:
-    """Collects each weight-shared module's parts (they may sit in different shards) and yields
-    `<name>.weight` once all have arrived."""
+class _SharedDecoder(_PartsDecoder):
+    parts, stored_as = DEEP_PARTS, "deep-compressed"
 
     def __init__(self, record: dict[str, Any], path: Path) -> None:
-        self.path = path
         self.bits = {name: m["bits"] for name, m in record["modules"].items()}
-        self.pending: dict[str, dict[str, Tensor]] = {n: {} for n in self.bits}
+        super().__init__(self.bits, path)
 
-    def _split(self, name: str) -> tuple[str, str] | None:
-        module, _, part = name.rpartition(".")
-        if module in self.bits and (part in DEEP_PARTS or part == "weight"):
-            return module, part
-        return None
-
-    def claims(self, name: str) -> bool:
-        return self._split(name) is not None
-
-    def feed(self, name: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
-        module, part = self._split(name)
-        if part == "weight":
-            raise CheckpointError(
-                f"unexpected tensor {name!r} in {self.path}: the module is stored deep-compressed"
-            )
-        parts = self.pending.get(module)
-        if parts is None or part in parts:
-            raise CheckpointError(f"tensor {name!r} appears twice in {self.path}")
-        parts[part] = tensor
-        if len(parts) < len(DEEP_PARTS):
-            return []
+    def _decode(self, module: str, parts: dict[str, Tensor]) -> Tensor:
         try:
-            weight = deep_decompress(parts, self.bits[module])
+            return deep_decompress(parts, self.bits[module])
         except PartError as e:
             raise CheckpointError(f"tensor '{module}.{e.part}' in {self.path}: {e}") from e
-        del self.pending[module]
-        return [(f"{module}.weight", weight)]
-
-    def finish(self) -> None:
-        for module, parts in self.pending.items():
-            missing = next(p for p in DEEP_PARTS if p not in parts)
-            raise CheckpointError(f"tensor '{module}.{missing}' is missing from {self.path}")
 
 
 # Applied in this order: quantized modules are swapped in before the sparse record checks them;
