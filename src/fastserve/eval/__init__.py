@@ -10,6 +10,7 @@ Quality of a model (its outputs, scored on data):
                     which jsonl / YAML files are generative
   task_yaml.py      YAML task files (lm-eval's keys, Jinja templates, a local jsonl)
   loglikelihood.py  lm-eval's tokenization and metrics; scoring through the serving engine
+  engine_runs.py    add requests to an engine as room frees up, step, yield each finished one
   generative.py     generative tasks (prompt or messages rows, references): generation settings,
                     prompts (chat template), generation through the serving engine, the entry
   gen_metrics.py    exact match, sacrebleu's BLEU / chrF, ROUGE-L, their stderrs (pure functions)

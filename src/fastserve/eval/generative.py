@@ -31,7 +31,7 @@ samples with seed + i, the same tokens whatever else is in the batch). eos alway
 from __future__ import annotations
 
 import collections
-import itertools
+import contextlib
 import json
 import random
 import time
@@ -423,32 +423,19 @@ class EngineGenerator:
     def __init__(self, engine, max_in_flight: int | None = None) -> None:
         self.engine = engine
         self.max_in_flight = max_in_flight or 2 * engine.config.max_num_seqs
-        self._ids = itertools.count()
 
     def generate(self, requests, on_done=None):
+        from fastserve.eval.engine_runs import finished_outputs
+
         outputs: list[GenOutput | None] = [None] * len(requests)
-        owner: dict[str, int] = {}
-        next_req = 0
-        try:
-            while next_req < len(requests) or owner:
-                while next_req < len(requests) and len(owner) < self.max_in_flight:
-                    rid = f"gen-{next(self._ids)}"
-                    req = requests[next_req]
-                    try:
-                        self.engine.add_request(rid, list(req.token_ids), req.params)
-                    except ValueError as exc:
-                        raise DataError(f"cannot generate for doc {next_req + 1}: {exc}") from None
-                    owner[rid] = next_req
-                    next_req += 1
-                for out in self.engine.step():
-                    if not out.finished or out.request_id not in owner:
-                        continue
-                    outputs[owner.pop(out.request_id)] = self._output(out)
-                    if on_done is not None:
-                        on_done()
-        finally:
-            for rid in owner:
-                self.engine.abort_request(rid, count=False)
+        items = ((i, req.token_ids, req.params) for i, req in enumerate(requests))
+        error = lambda i, exc: DataError(f"cannot generate for doc {i + 1}: {exc}")  # noqa: E731
+        runs = finished_outputs(self.engine, items, self.max_in_flight, error, prefix="gen")
+        with contextlib.closing(runs):
+            for i, out in runs:
+                outputs[i] = self._output(out)
+                if on_done is not None:
+                    on_done()
         return outputs
 
     @staticmethod

@@ -27,7 +27,7 @@ first-order stderr (lm-eval bootstraps it).
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -142,49 +142,39 @@ class EngineScorer:
     def __init__(self, engine, max_in_flight: int | None = None) -> None:
         self.engine = engine
         self.max_in_flight = max_in_flight or 2 * engine.config.max_num_seqs
-        self._ids = itertools.count()
 
     def score(self, docs, on_doc=None):
         from fastserve.engine.request import SamplingParams
+        from fastserve.eval.engine_runs import finished_outputs
 
         results: list[list[LoglikelihoodResult | None]] = [[None] * len(d) for d in docs]
         left = [len(d) for d in docs]
-        owner: dict[str, tuple[int, int]] = {}
-        next_doc = 0
-        try:
-            while next_doc < len(docs) or owner:
-                while next_doc < len(docs) and len(owner) < self.max_in_flight:
-                    for j, req in enumerate(docs[next_doc]):
-                        if req.num_continuation == 0:  # lm-eval: an empty continuation scores 0
-                            results[next_doc][j] = LoglikelihoodResult(0.0, True)
-                            left[next_doc] -= 1
-                            continue
-                        rid = f"ll-{next(self._ids)}"
-                        params = SamplingParams(
-                            max_tokens=1,
-                            temperature=0.0,
-                            prompt_logprobs=1,
-                            prompt_logprobs_start=req.start,
-                        )
-                        try:
-                            self.engine.add_request(rid, list(req.token_ids), params)
-                        except ValueError as exc:
-                            raise DataError(f"cannot score a request: {exc}") from None
-                        owner[rid] = (next_doc, j)
-                    if left[next_doc] == 0 and on_doc is not None:
-                        on_doc()
-                    next_doc += 1
-                for out in self.engine.step():
-                    if not out.finished or out.request_id not in owner:
+
+        def requests():
+            for d, doc in enumerate(docs):
+                for j, req in enumerate(doc):
+                    if req.num_continuation == 0:  # lm-eval: an empty continuation scores 0
+                        results[d][j] = LoglikelihoodResult(0.0, True)
+                        left[d] -= 1
                         continue
-                    d, j = owner.pop(out.request_id)
-                    results[d][j] = self._result(out, docs[d][j])
-                    left[d] -= 1
-                    if left[d] == 0 and on_doc is not None:
-                        on_doc()
-        finally:
-            for rid in owner:
-                self.engine.abort_request(rid, count=False)
+                    params = SamplingParams(
+                        max_tokens=1,
+                        temperature=0.0,
+                        prompt_logprobs=1,
+                        prompt_logprobs_start=req.start,
+                    )
+                    yield (d, j), req.token_ids, params
+                if left[d] == 0 and on_doc is not None:
+                    on_doc()
+
+        error = lambda key, exc: DataError(f"cannot score a request: {exc}")  # noqa: E731
+        runs = finished_outputs(self.engine, requests(), self.max_in_flight, error, prefix="ll")
+        with contextlib.closing(runs):
+            for (d, j), out in runs:
+                results[d][j] = self._result(out, docs[d][j])
+                left[d] -= 1
+                if left[d] == 0 and on_doc is not None:
+                    on_doc()
         return results
 
     @staticmethod
