@@ -3,7 +3,10 @@ ambiguous across test directories)."""
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 
 PROMPTS = [[5, 17, 42, 8], [100, 3, 77, 12, 9, 61]]
 
@@ -69,3 +72,10 @@ def assert_served_like(out, model, max_tokens: int, loaded=None) -> None:
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     engine = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params, use_tqdm=False)]
     assert engine == expected
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    """`python -m fastserve ARGS` as a real process (wide terminal, 300 s limit)."""
+    env = {**os.environ, "COLUMNS": "200"}
+    cmd = [sys.executable, "-m", "fastserve", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

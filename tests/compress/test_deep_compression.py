@@ -7,15 +7,12 @@ recipes failing before anything is written, and the CLI once."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from compress_helpers import assert_served_like
+from compress_helpers import assert_served_like, run_cli
 
 from fastserve.compress import Recipe, compress, compress_model
 from fastserve.compress.share import kmeans_1d, share_weight
@@ -198,23 +195,20 @@ def test_bad_recipes_fail_before_writing(compress_model_dir, calib_file, tmp_pat
 def test_cli_compress_deep_compression_then_generate(compress_model_dir, calib_file, tmp_path):
     out = tmp_path / "cli-dc"
 
-    def cli(*args):
-        env = {**os.environ, "COLUMNS": "200"}
-        cmd = [sys.executable, "-m", "fastserve", *args]
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-
-    proc = cli(
+    proc = run_cli(
         *("compress", str(compress_model_dir), "--recipe", "deep-compression"),
         *("--calib", str(calib_file), "--out", str(out), "--num-samples", "8", "--seq-len", "32"),
     )
     assert proc.returncode == 0, proc.stderr
     assert "wrote" in proc.stdout and "weight_sharing_config" in (out / "config.json").read_text()
-    proc = cli("generate", "--model", str(out), "--prompt", "the cat", "--max-new-tokens", "5")
+    proc = run_cli("generate", "--model", str(out), "--prompt", "the cat", "--max-new-tokens", "5")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("the cat")
     bad = tmp_path / "bad.yaml"
     bad.write_text("modifiers:\n  - type: KMeans\n    bits: 9\n")
-    proc = cli("compress", str(compress_model_dir), "--recipe", str(bad), "--out", str(out) + "2")
+    proc = run_cli(
+        "compress", str(compress_model_dir), "--recipe", str(bad), "--out", str(out) + "2"
+    )
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "bits must be an integer in [1, 8], got 9" in proc.stderr
     assert not Path(str(out) + "2").exists()

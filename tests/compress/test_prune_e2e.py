@@ -6,15 +6,12 @@ CLI once."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from compress_helpers import assert_served_like
+from compress_helpers import assert_served_like, run_cli
 
 from fastserve.compress import Recipe, compress
 from fastserve.compress.recipe import SPARSE_PRESETS
@@ -109,17 +106,12 @@ def test_magnitude_needs_no_data(compress_model_dir, tmp_path):
 def test_cli_compress_sparse50_wanda_then_generate(compress_model_dir, calib_file, tmp_path):
     out = tmp_path / "cli-wanda"
 
-    def cli(*args):
-        env = {**os.environ, "COLUMNS": "200"}
-        cmd = [sys.executable, "-m", "fastserve", *args]
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-
-    proc = cli(
+    proc = run_cli(
         *("compress", str(compress_model_dir), "--recipe", "sparse50-wanda"),
         *("--calib", str(calib_file), "--out", str(out), "--num-samples", "8", "--seq-len", "32"),
     )
     assert proc.returncode == 0, proc.stderr
     assert "wrote" in proc.stdout and "sparsity_config" in (out / "config.json").read_text()
-    proc = cli("generate", "--model", str(out), "--prompt", "the cat", "--max-new-tokens", "5")
+    proc = run_cli("generate", "--model", str(out), "--prompt", "the cat", "--max-new-tokens", "5")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("the cat")

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from compress_helpers import assert_served_like, tiny_model
+from compress_helpers import assert_served_like, run_cli, tiny_model
 
 from fastserve.compress import Recipe, compress, compress_model
 from fastserve.compress.calibration import LayerWalker, load_calibration
@@ -245,17 +245,8 @@ def test_in_memory_model_matches_a_rebuilt_one(calib_file, compress_model_dir):
 def test_cli_compress_struct30_then_eval_and_generate(compress_model_dir, calib_file, tmp_path):
     """The user's path: `fastserve compress --recipe struct30`, then `fastserve eval` and
     `fastserve generate` on the smaller dir, as real processes."""
-    import os
-    import subprocess
-    import sys
-
-    def cli(*args):
-        env = {**os.environ, "COLUMNS": "200"}
-        cmd = [sys.executable, "-m", "fastserve", *args]
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-
     out = tmp_path / "cli-struct30"
-    proc = cli(
+    proc = run_cli(
         *("compress", str(compress_model_dir), "--recipe", "struct30", "--calib", str(calib_file)),
         *("--out", str(out), "--num-samples", "8", "--seq-len", "32"),
     )
@@ -267,7 +258,7 @@ def test_cli_compress_struct30_then_eval_and_generate(compress_model_dir, calib_
     )
 
     results = tmp_path / "struct30.json"
-    proc = cli(
+    proc = run_cli(
         *("eval", str(out), "--ref", str(compress_model_dir), "--data", str(calib_file)),
         *("--context-len", "64", "--stride", "64", "--output", str(results)),
     )
@@ -276,6 +267,6 @@ def test_cli_compress_struct30_then_eval_and_generate(compress_model_dir, calib_
     assert entry["fidelity"]["kld_mean"] > 0  # a smaller model is not the same model
     assert entry["perplexity"]["ppl"] > 1
 
-    proc = cli("generate", "--model", str(out), "--prompt", "the cat", "--max-new-tokens", "5")
+    proc = run_cli("generate", "--model", str(out), "--prompt", "the cat", "--max-new-tokens", "5")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("the cat")
